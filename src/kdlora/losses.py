@@ -1,0 +1,53 @@
+"""Distillation losses as pure functions, computed in fp32.
+
+Shapes: B = batch size, C = number of classes. Regression tasks have C = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), the forward KL, averaged over the batch.
+
+    student_logits, teacher_logits: [B, C]. Returns a scalar. The T² factor keeps the gradient scale independent of
+    T (Hinton et al. 2015). This is the true KL, so it is 0 when the two distributions agree.
+    """
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(dim=-1)  # [B]
+    return kl.mean() * temperature**2
+
+
+def regression_kd_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's and the teacher's predictions. student_pred, teacher_pred: [B] or [B, 1]."""
+    return F.mse_loss(student_pred.float().reshape(-1), teacher_pred.float().reshape(-1))
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """Cross-entropy over [B, C] logits and [B] class ids, or MSE for a [B, 1] regression output and [B] targets."""
+    if regression:
+        return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
+    return F.cross_entropy(logits.float(), labels)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    regression: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD-LoRA's objective, α·L_task + (1-α)·L_KD (the paper's Eq. 3). Returns (total, task part, KD part).
+
+    student_logits, teacher_logits: [B, C]; labels: [B]. For regression L_KD is the MSE to the teacher's prediction.
+    """
+    hard = task_loss(student_logits, labels, regression)
+    soft = regression_kd_loss(student_logits, teacher_logits) if regression else kd_loss(
+        student_logits, teacher_logits, temperature
+    )
+    return alpha * hard + (1 - alpha) * soft, hard, soft

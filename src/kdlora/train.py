@@ -1,0 +1,320 @@
+"""One training loop for fft, lora and kd-lora, on accelerate (CPU now, CUDA when present).
+
+    kdlora train --method kd-lora --task cola --teacher-model all-MiniLM-L6-v2 --student-layers 0,2,4
+
+runs the three steps of KD-LoRA: fine-tune the teacher (fft) into OUTPUT/teacher, cache its logits on the training
+set, then train the student's LoRA matrices and head on α·L_task + (1-α)·L_KD.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from kdlora import __version__
+from kdlora.config import RunConfig, save_config
+from kdlora.data import Collator, LengthGroupedBatchSampler, TokenizedDataset, eval_batches, load_splits
+from kdlora.errors import KdloraError
+from kdlora.io import atomic_write_dir, atomic_write_json, read_run
+from kdlora.losses import distillation_loss, task_loss
+from kdlora.metrics import combine_splits, compute_metrics
+from kdlora.models import add_lora, count_parameters, deployed_parameters, keep_layers, load_classifier, merge
+from kdlora.tasks import Task, get_task
+from kdlora.teacher import teacher_logits, teacher_model_dir
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def prepare_output_dir(cfg: RunConfig) -> Path:
+    """Make output_dir ready for a new run. A finished run or foreign files are only replaced with --overwrite.
+
+    A teacher/ sub-run is kept: it is reused when its config matches, retrained otherwise.
+    """
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise KdloraError(f"--output-dir {out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.train.overwrite:
+            if read_run(out) is not None:
+                raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
+            if not (out / "config.yaml").is_file():
+                raise KdloraError(f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite")
+        for child in out.iterdir():
+            if child.name == "teacher" and cfg.train.method == "kd-lora":
+                continue
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
+    """The fft run that --teacher-model asks for: same task, data and seed; the teacher's own lr and epochs."""
+    t = copy.deepcopy(cfg)
+    t.model = type(cfg.model)(name=cfg.model.teacher_model, trust_remote_code=cfg.model.trust_remote_code)
+    t.train.method = "fft"
+    t.train.lr = cfg.kd.teacher_lr
+    t.train.epochs = cfg.kd.teacher_epochs or cfg.train.epochs
+    t.train.output_dir = str(output_dir)
+    t.train.overwrite = True
+    t.lora, t.kd = type(cfg.lora)(), type(cfg.kd)()
+    return t
+
+
+def _comparable(cfg: RunConfig | dict) -> dict:
+    d = copy.deepcopy(cfg if isinstance(cfg, dict) else cfg.to_dict())
+    for key in ("output_dir", "overwrite", "quiet"):
+        d["train"].pop(key, None)
+    return d
+
+
+def ensure_teacher(cfg: RunConfig, out: Path) -> Path:
+    """Train the fft teacher into OUTPUT/teacher, or reuse the finished one there if it was trained the same way."""
+    tdir = out / "teacher"
+    tcfg = teacher_config(cfg, tdir)
+    if read_run(tdir) is not None:
+        previous = yaml.safe_load((tdir / "config.yaml").read_text())
+        if _comparable(previous) == _comparable(tcfg):
+            print(f"reusing the finished teacher in {tdir}")
+            return tdir
+    print(f"training the fft teacher ({cfg.model.teacher_model}) into {tdir}")
+    run(tcfg)
+    return tdir
+
+
+def build_model(cfg: RunConfig, task: Task, teacher_run: Path | None, out: Path) -> tuple[torch.nn.Module, Any]:
+    """The model to train and its tokenizer: the whole model (fft), or a base with LoRA and a trainable head."""
+    m = cfg.model
+    if cfg.train.method == "kd-lora" and m.student_layers:
+        # The student keeps some of the teacher checkpoint's layers; the pretrained one (paper-like) or the fine-tuned one.
+        if m.student_init == "teacher":
+            source = str(teacher_model_dir(teacher_run, task))
+        else:
+            source = yaml.safe_load((teacher_run / "config.yaml").read_text())["model"]["name"]
+        model, tokenizer = load_classifier(source, task, m.trust_remote_code)
+        keep_layers(model, m.student_layers)
+        base = (out / "student_base").resolve()
+        atomic_write_dir(base, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        model.name_or_path = model.config._name_or_path = str(base)  # so the adapter points at a base that exists
+    else:
+        model, tokenizer = load_classifier(m.name, task, m.trust_remote_code)
+    if cfg.train.method != "fft":
+        model = add_lora(model, cfg.lora)
+    return model, tokenizer
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights take no decay
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Any, regression: bool) -> dict[str, torch.Tensor]:
+    """Predictions over a loader: example ids, logits, predicted class (or value), and labels where present."""
+    model.eval()
+    ids, logits, labels = [], [], []
+    for batch in loader:
+        idx, y = batch.pop("idx"), batch.pop("labels", None)
+        batch.pop("teacher_logits", None)
+        out = model(**batch).logits.float()
+        ids.append(accelerator.gather_for_metrics(idx).cpu())
+        logits.append(accelerator.gather_for_metrics(out).cpu())
+        if y is not None:
+            labels.append(accelerator.gather_for_metrics(y).cpu())
+    result = {"ids": torch.cat(ids), "logits": torch.cat(logits)}
+    result["preds"] = result["logits"].squeeze(-1) if regression else result["logits"].argmax(-1)
+    if labels:
+        result["labels"] = torch.cat(labels)
+    return result
+
+
+def eval_loader(dataset: TokenizedDataset, tokenizer: Any, batch_size: int, regression: bool) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=eval_batches(dataset.lengths, batch_size),
+                      collate_fn=Collator(tokenizer, regression))
+
+
+def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task, accelerator: Any) -> dict[str, Any]:
+    """Task metrics on every evaluation split, flattened, with the 0-100 `score`."""
+    per_split = {}
+    for split, loader in loaders.items():
+        out = predict(model, loader, accelerator, task.is_regression)
+        per_split[split] = compute_metrics(task, out["preds"].numpy(), out["labels"].numpy())
+    return combine_splits(task, per_split)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Run `kdlora train`: prepare the output directory, get a teacher when distilling, train, save. Returns metrics."""
+    out = prepare_output_dir(cfg)
+    teacher_run = None
+    if cfg.train.method == "kd-lora":
+        teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg, out)
+        teacher_model_dir(teacher_run, get_task(cfg.data.task))  # fail now, not after loading data
+    return train(cfg, out, teacher_run)
+
+
+def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    tc, task = cfg.train, get_task(cfg.data.task)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps)
+    quiet = tc.quiet or not accelerator.is_main_process
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+
+    # Data, then the teacher's logits (looked up by example id), then the model: the teacher is gone before the student.
+    splits = load_splits(cfg.data, ["train", *task.eval_splits])
+    cached, t_logits_seconds = None, 0.0
+    if teacher_run is not None:
+        t0 = time.perf_counter()
+        logits, cached = teacher_logits(teacher_run, splits["train"], task, cfg.data.max_length,
+                                        batch_size=tc.eval_batch_size, device=accelerator.device, quiet=quiet)
+        t_logits_seconds = time.perf_counter() - t0
+    set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
+    model, tokenizer = build_model(cfg, task, teacher_run, out)
+    params = count_parameters(model)
+    total_params = deployed_parameters(model)
+
+    train_ds = TokenizedDataset(splits["train"], tokenizer, cfg.data.max_length)
+    if teacher_run is not None:
+        train_ds.teacher_logits = logits.rows_for(train_ds.ids)
+    sampler = LengthGroupedBatchSampler(train_ds.lengths, tc.batch_size, tc.seed)
+    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=Collator(tokenizer, task.is_regression))
+    eval_loaders = {
+        s: eval_loader(TokenizedDataset(splits[s], tokenizer, cfg.data.max_length), tokenizer, tc.eval_batch_size,
+                       task.is_regression)
+        for s in task.eval_splits
+    }
+    optimizer = _optimizer(model, tc.lr, tc.weight_decay)
+    steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum_steps)
+    total_steps = steps_per_epoch * tc.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+
+    history: dict[str, list[float]] = {"train_loss": [], "train_loss_task": [], "train_loss_kd": []}
+    epochs: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kd = cfg.kd
+    bar = tqdm(total=total_steps, desc=f"{tc.method} {task.name}", disable=quiet)
+    start = time.perf_counter()
+    for epoch in range(tc.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        acc: list[torch.Tensor] = []
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                batch.pop("idx")
+                labels, t = batch.pop("labels"), batch.pop("teacher_logits", None)
+                logits = model(**batch).logits
+                if t is None:
+                    loss = hard = task_loss(logits, labels, task.is_regression)
+                    soft = torch.zeros(())
+                else:
+                    loss, hard, soft = distillation_loss(logits, t, labels, alpha=kd.alpha, temperature=kd.temperature,
+                                                         regression=task.is_regression)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            acc.append(torch.stack([loss.detach(), hard.detach(), soft.detach().to(loss.device)]))
+            if accelerator.sync_gradients:
+                step_loss = torch.stack(acc).mean(0).tolist()
+                acc = []
+                if not math.isfinite(step_loss[0]):
+                    raise KdloraError(f"the loss became {step_loss[0]} at step {len(history['train_loss']) + 1}: "
+                                      "lower --lr, or turn off --mixed-precision")
+                for key, value in zip(history, step_loss):
+                    history[key].append(value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss[0]:.4f}")
+        result = evaluate(model, eval_loaders, task, accelerator)
+        epochs.append({"epoch": epoch + 1, **result})
+        if not quiet:
+            bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        if best is None or result["score"] > best["score"]:
+            # Keep the best epoch's weights: only the trainable ones can differ between epochs.
+            best = {"epoch": epoch + 1, "score": result["score"],
+                    "state": {n: p.detach().to("cpu", copy=True) for n, p in trainable}}
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    peak_mb = peak_memory_mb(accelerator.device)
+    with torch.no_grad():
+        for n, p in trainable:
+            p.copy_(best["state"][n])
+
+    best_metrics = epochs[best["epoch"] - 1]
+    metrics = {
+        "status": "finished",
+        "task": task.name,
+        "method": tc.method,
+        **{k: v for k, v in best_metrics.items() if k != "epoch"},
+        "best_epoch": best["epoch"],
+        "epochs": epochs,
+        **(history if tc.method == "kd-lora" else {"train_loss": history["train_loss"]}),
+        **params,
+        "total_params": total_params,
+        "train_seconds": train_seconds,
+        "peak_memory_mb": peak_mb,
+        "num_train_examples": len(train_ds),
+        "num_eval_examples": {s: len(loader.dataset) for s, loader in eval_loaders.items()},
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "kdlora_version": __version__,
+    }
+    if teacher_run is not None:
+        teacher = read_run(teacher_run) or {}
+        metrics.update(teacher=str(teacher_run), teacher_score=teacher.get("score"),
+                       teacher_total_params=teacher.get("total_params"), teacher_logits_cached=cached,
+                       teacher_logits_seconds=t_logits_seconds)
+    if accelerator.is_main_process:
+        save_outputs(accelerator.unwrap_model(model), tokenizer, out, tc.method)
+        atomic_write_json(out / "metrics.json", metrics)  # written last: its presence marks the run finished
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def save_outputs(model: torch.nn.Module, tokenizer: Any, out: Path, method: str) -> None:
+    """adapter/ (peft adapter with the head) for LoRA methods, and merged/: a plain transformers model + tokenizer."""
+    if method != "fft":
+        atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        model = merge(model)
+    atomic_write_dir(out / "merged", lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
