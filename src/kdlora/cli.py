@@ -60,8 +60,11 @@ DEMO: dict[str, dict[str, Any]] = {
     "kd": {"teacher_epochs": 2},
     "train": {"method": "kd-lora", "epochs": 3, "output_dir": "runs/demo", "lr": 2e-3},
 }
-DEMO_QUICK = {"data": {"max_train_samples": 2000, "max_eval_samples": 500}, "kd": {"teacher_epochs": 2},
-              "train": {"epochs": 2, "output_dir": "runs/demo-quick"}}
+DEMO_QUICK = {
+    "data": {"max_train_samples": 2000, "max_eval_samples": 500},
+    "kd": {"teacher_epochs": 2},
+    "train": {"epochs": 2, "output_dir": "runs/demo-quick"},
+}
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -142,14 +145,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _print_summary(metrics: dict[str, Any], out: Path) -> None:
     named = {k: metrics[k] for k in ("matthews_correlation", "accuracy", "f1", "pearson", "spearman") if k in metrics}
-    print(f"\n{metrics['method']} on {metrics['task']}: score {metrics['score']:.2f} at epoch {metrics['best_epoch']} "
-          f"({', '.join(f'{k} {v:.4f}' for k, v in named.items())})")
+    print(
+        f"\n{metrics['method']} on {metrics['task']}: score {metrics['score']:.2f} at epoch {metrics['best_epoch']} "
+        f"({', '.join(f'{k} {v:.4f}' for k, v in named.items())})"
+    )
     if metrics.get("teacher_score") is not None:
-        print(f"teacher (fft): score {metrics['teacher_score']:.2f}, {metrics['teacher_total_params']:,} parameters "
-              f"({metrics['teacher']})")
-    print(f"parameters: {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} "
-          f"(LoRA {metrics['lora_params']:,}); trained in {metrics['train_seconds']:.0f} s, "
-          f"peak memory {metrics['peak_memory_mb']:.0f} MB")
+        print(
+            f"teacher (fft): score {metrics['teacher_score']:.2f}, {metrics['teacher_total_params']:,} parameters "
+            f"({metrics['teacher']})"
+        )
+    print(
+        f"parameters: {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} "
+        f"(LoRA {metrics['lora_params']:,}); trained in {metrics['train_seconds']:.0f} s, "
+        f"peak memory {metrics['peak_memory_mb']:.0f} MB"
+    )
     parts = ", ".join(str(out / p) for p in ("adapter", "merged", "metrics.json", "config.yaml") if (out / p).exists())
     print(f"artefacts: {parts}")
 
@@ -181,11 +190,18 @@ def _loaders(task: Any, tokenizer: Any, args: argparse.Namespace, splits: tuple[
     from kdlora.data import TokenizedDataset, load_splits
     from kdlora.train import eval_loader
 
-    data = DataArgs(task=task.name, data_dir=args.data_dir, dataset=args.dataset, max_length=args.max_length,
-                    max_eval_samples=getattr(args, "max_eval_samples", None))
+    data = DataArgs(
+        task=task.name,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        max_length=args.max_length,
+        max_eval_samples=getattr(args, "max_eval_samples", None),
+    )
     examples = load_splits(data, splits)
-    return {s: eval_loader(TokenizedDataset(ex, tokenizer, args.max_length), tokenizer, args.batch_size,
-                           task.is_regression) for s, ex in examples.items()}
+    return {
+        s: eval_loader(TokenizedDataset(ex, tokenizer, args.max_length), tokenizer, args.batch_size, task.is_regression)
+        for s, ex in examples.items()
+    }
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -213,10 +229,10 @@ def _predict(args: argparse.Namespace) -> int:
     task, model, tokenizer = _load_saved(args.model_dir, args.task)
     accelerator = Accelerator()
     model = accelerator.prepare(model)
-    for split, name in zip(task.test_splits, task.submission):
+    for split, name in zip(task.test_splits, task.submission, strict=True):
         loader = accelerator.prepare(_loaders(task, tokenizer, args, (split,))[split])
         out = predict(model, loader, accelerator, task.is_regression)
-        rows = sorted(zip(out["ids"].tolist(), out["preds"].tolist()))
+        rows = sorted(zip(out["ids"].tolist(), out["preds"].tolist(), strict=True))
         if task.is_regression:  # STS-B scores live in [0, 5]
             lines = [f"{i}\t{min(max(p, 0.0), 5.0):.3f}" for i, p in rows]
         else:

@@ -25,7 +25,7 @@ from kdlora.errors import KdloraError
 
 Method = Literal["fft", "lora", "kd-lora"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
-# Learning rates that work out of the box: full fine-tuning wants a small step, LoRA a larger one (LoRA paper, KD-LoRA paper).
+# Default learning rates: full fine-tuning wants a small step, LoRA a larger one (as in the LoRA and KD-LoRA papers).
 DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 5e-4}
 
 
@@ -34,14 +34,20 @@ class ModelArgs:
     name: str | None = None  # model to train (fft, lora) or the student base (kd-lora); local path or hub id
     teacher: str | None = None  # kd-lora: a finished fft run directory to distil from
     teacher_model: str | None = None  # kd-lora: fine-tune this checkpoint with fft first, then distil from it
-    student_layers: list[int] | None = None  # kd-lora: derive the student from these encoder layers of the teacher checkpoint
-    student_init: Literal["pretrained", "teacher"] = "pretrained"  # layers from the pretrained or the fine-tuned teacher
+    student_layers: list[int] | None = (
+        None  # kd-lora: derive the student from these encoder layers of the teacher checkpoint
+    )
+    student_init: Literal["pretrained", "teacher"] = (
+        "pretrained"  # layers from the pretrained or the fine-tuned teacher
+    )
     trust_remote_code: bool = False  # allow model repositories to run their own code
 
     def __post_init__(self) -> None:
         if self.student_layers is not None:
             if not self.student_layers:
-                raise KdloraError("student_layers is empty: give the encoder layers to keep, e.g. --student-layers 0,2,4")
+                raise KdloraError(
+                    "student_layers is empty: give the encoder layers to keep, e.g. --student-layers 0,2,4"
+                )
             if len(set(self.student_layers)) != len(self.student_layers):
                 raise KdloraError(f"student_layers {self.student_layers} repeats a layer: list each layer once")
             if min(self.student_layers) < 0:
@@ -135,7 +141,9 @@ class RunConfig:
         m, method = self.model, self.train.method
         if method == "kd-lora":
             if not (m.teacher or m.teacher_model):
-                raise KdloraError("kd-lora needs a teacher: --teacher RUN_DIR (a finished fft run) or --teacher-model NAME")
+                raise KdloraError(
+                    "kd-lora needs a teacher: --teacher RUN_DIR (a finished fft run) or --teacher-model NAME"
+                )
             if m.teacher and m.teacher_model:
                 raise KdloraError("give either --teacher or --teacher-model, not both")
             if not (m.name or m.student_layers):
@@ -172,7 +180,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return _coerce(value, inner[0], where)
     if origin is Literal:
         if value not in args:
-            raise KdloraError(f"{where} must be one of {', '.join(map(str, args))}; got {value!r}{_suggest(str(value), args)}")
+            raise KdloraError(
+                f"{where} must be one of {', '.join(map(str, args))}; got {value!r}{_suggest(str(value), args)}"
+            )
         return value
     if origin is list:
         items = value.split(",") if isinstance(value, str) else value

@@ -47,7 +47,9 @@ def distillation_loss(
     student_logits, teacher_logits: [B, C]; labels: [B]. For regression L_KD is the MSE to the teacher's prediction.
     """
     hard = task_loss(student_logits, labels, regression)
-    soft = regression_kd_loss(student_logits, teacher_logits) if regression else kd_loss(
-        student_logits, teacher_logits, temperature
+    soft = (
+        regression_kd_loss(student_logits, teacher_logits)
+        if regression
+        else kd_loss(student_logits, teacher_logits, temperature)
     )
     return alpha * hard + (1 - alpha) * soft, hard, soft

@@ -192,4 +192,3 @@ def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     setattr(model.get_submodule(parent), attr, new)
     model.config.num_hidden_layers = len(layers)
     return model
-

@@ -22,8 +22,16 @@ from kdlora.errors import KdloraError
 from kdlora.io import read_run
 from kdlora.tasks import Task
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "merges.txt", "vocab.json", "spm.model",
-                    "special_tokens_map.json", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "spm.model",
+    "special_tokens_map.json",
+    "sentencepiece.bpe.model",
+)
 
 
 @dataclass
@@ -40,7 +48,7 @@ class TeacherLogits:
         return self.logits[[pos[int(i)] for i in ids]]
 
 
-def _hash_files(h: "hashlib._Hash", directory: Path, names: Sequence[str]) -> None:
+def _hash_files(h: hashlib._Hash, directory: Path, names: Sequence[str]) -> None:
     for name in names:
         path = directory / name
         if path.is_file():
@@ -77,13 +85,22 @@ def teacher_model_dir(run_dir: Path, task: Task) -> Path:
     model_dir = run_dir / "merged"
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("num_labels", len(config.get("id2label", {}))) != task.num_labels:
-        raise KdloraError(f"--teacher {run_dir} has {config.get('num_labels')} labels; {task.name} has {task.num_labels}")
+        raise KdloraError(
+            f"--teacher {run_dir} has {config.get('num_labels')} labels; {task.name} has {task.num_labels}"
+        )
     return model_dir
 
 
 @torch.inference_mode()
-def _compute(model_dir: Path, examples: Sequence[Example], task: Task, max_length: int, batch_size: int,
-             device: torch.device, quiet: bool) -> torch.Tensor:
+def _compute(
+    model_dir: Path,
+    examples: Sequence[Example],
+    task: Task,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    quiet: bool,
+) -> torch.Tensor:
     from tqdm.auto import tqdm
     from transformers import AutoModelForSequenceClassification
 
@@ -105,8 +122,16 @@ def _compute(model_dir: Path, examples: Sequence[Example], task: Task, max_lengt
     return logits
 
 
-def teacher_logits(run_dir: Path, examples: Sequence[Example], task: Task, max_length: int, *, batch_size: int = 64,
-                   device: torch.device | None = None, quiet: bool = False) -> tuple[TeacherLogits, bool]:
+def teacher_logits(
+    run_dir: Path,
+    examples: Sequence[Example],
+    task: Task,
+    max_length: int,
+    *,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    quiet: bool = False,
+) -> tuple[TeacherLogits, bool]:
     """The teacher's logits for `examples`, from the cache when it matches, else computed and cached.
 
     Returns (logits, came_from_cache).
@@ -141,7 +166,13 @@ def _load_cache(path: Path, fp: str, ids: torch.Tensor, num_labels: int) -> Teac
     except Exception:  # a truncated or corrupted file is a cache miss, never a crash
         return None
     cached_ids, logits = tensors.get("ids"), tensors.get("logits")
-    if (meta.get("fingerprint") != fp or cached_ids is None or logits is None or not torch.equal(cached_ids, ids)
-            or tuple(logits.shape) != (len(ids), num_labels) or not torch.isfinite(logits).all()):
+    if (
+        meta.get("fingerprint") != fp
+        or cached_ids is None
+        or logits is None
+        or not torch.equal(cached_ids, ids)
+        or tuple(logits.shape) != (len(ids), num_labels)
+        or not torch.isfinite(logits).all()
+    ):
         return None
     return TeacherLogits(cached_ids, logits)

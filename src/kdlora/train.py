@@ -49,7 +49,9 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
             if read_run(out) is not None:
                 raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
             if not (out / "config.yaml").is_file():
-                raise KdloraError(f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite")
+                raise KdloraError(
+                    f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite"
+                )
         for child in out.iterdir():
             if child.name == "teacher" and cfg.train.method == "kd-lora":
                 continue
@@ -96,7 +98,7 @@ def build_model(cfg: RunConfig, task: Task, teacher_run: Path | None, out: Path)
     """The model to train and its tokenizer: the whole model (fft), or a base with LoRA and a trainable head."""
     m = cfg.model
     if cfg.train.method == "kd-lora" and m.student_layers:
-        # The student keeps some of the teacher checkpoint's layers; the pretrained one (paper-like) or the fine-tuned one.
+        # The student keeps some layers of the teacher's pretrained checkpoint (as in the paper) or of the teacher.
         if m.student_init == "teacher":
             source = str(teacher_model_dir(teacher_run, task))
         else:
@@ -118,8 +120,9 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)  # biases and LayerNorm weights take no decay
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -154,8 +157,9 @@ def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Any, regres
 
 
 def eval_loader(dataset: TokenizedDataset, tokenizer: Any, batch_size: int, regression: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=eval_batches(dataset.lengths, batch_size),
-                      collate_fn=Collator(tokenizer, regression))
+    return DataLoader(
+        dataset, batch_sampler=eval_batches(dataset.lengths, batch_size), collate_fn=Collator(tokenizer, regression)
+    )
 
 
 def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task, accelerator: Any) -> dict[str, Any]:
@@ -198,8 +202,15 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     cached, t_logits_seconds = None, 0.0
     if teacher_run is not None:
         t0 = time.perf_counter()
-        logits, cached = teacher_logits(teacher_run, splits["train"], task, cfg.data.max_length,
-                                        batch_size=tc.eval_batch_size, device=accelerator.device, quiet=quiet)
+        logits, cached = teacher_logits(
+            teacher_run,
+            splits["train"],
+            task,
+            cfg.data.max_length,
+            batch_size=tc.eval_batch_size,
+            device=accelerator.device,
+            quiet=quiet,
+        )
         t_logits_seconds = time.perf_counter() - t0
     set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
     model, tokenizer = build_model(cfg, task, teacher_run, out)
@@ -212,8 +223,12 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     sampler = LengthGroupedBatchSampler(train_ds.lengths, tc.batch_size, tc.seed)
     train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=Collator(tokenizer, task.is_regression))
     eval_loaders = {
-        s: eval_loader(TokenizedDataset(splits[s], tokenizer, cfg.data.max_length), tokenizer, tc.eval_batch_size,
-                       task.is_regression)
+        s: eval_loader(
+            TokenizedDataset(splits[s], tokenizer, cfg.data.max_length),
+            tokenizer,
+            tc.eval_batch_size,
+            task.is_regression,
+        )
         for s in task.eval_splits
     }
     optimizer = _optimizer(model, tc.lr, tc.weight_decay)
@@ -245,8 +260,9 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
                     loss = hard = task_loss(logits, labels, task.is_regression)
                     soft = torch.zeros(())
                 else:
-                    loss, hard, soft = distillation_loss(logits, t, labels, alpha=kd.alpha, temperature=kd.temperature,
-                                                         regression=task.is_regression)
+                    loss, hard, soft = distillation_loss(
+                        logits, t, labels, alpha=kd.alpha, temperature=kd.temperature, regression=task.is_regression
+                    )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
@@ -258,9 +274,11 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
                 step_loss = torch.stack(acc).mean(0).tolist()
                 acc = []
                 if not math.isfinite(step_loss[0]):
-                    raise KdloraError(f"the loss became {step_loss[0]} at step {len(history['train_loss']) + 1}: "
-                                      "lower --lr, or turn off --mixed-precision")
-                for key, value in zip(history, step_loss):
+                    raise KdloraError(
+                        f"the loss became {step_loss[0]} at step {len(history['train_loss']) + 1}: "
+                        "lower --lr, or turn off --mixed-precision"
+                    )
+                for key, value in zip(history, step_loss, strict=True):
                     history[key].append(value)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss[0]:.4f}")
@@ -270,8 +288,11 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
             bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
         if best is None or result["score"] > best["score"]:
             # Keep the best epoch's weights: only the trainable ones can differ between epochs.
-            best = {"epoch": epoch + 1, "score": result["score"],
-                    "state": {n: p.detach().to("cpu", copy=True) for n, p in trainable}}
+            best = {
+                "epoch": epoch + 1,
+                "score": result["score"],
+                "state": {n: p.detach().to("cpu", copy=True) for n, p in trainable},
+            }
     bar.close()
     train_seconds = time.perf_counter() - start
     peak_mb = peak_memory_mb(accelerator.device)
@@ -302,9 +323,13 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     }
     if teacher_run is not None:
         teacher = read_run(teacher_run) or {}
-        metrics.update(teacher=str(teacher_run), teacher_score=teacher.get("score"),
-                       teacher_total_params=teacher.get("total_params"), teacher_logits_cached=cached,
-                       teacher_logits_seconds=t_logits_seconds)
+        metrics.update(
+            teacher=str(teacher_run),
+            teacher_score=teacher.get("score"),
+            teacher_total_params=teacher.get("total_params"),
+            teacher_logits_cached=cached,
+            teacher_logits_seconds=t_logits_seconds,
+        )
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(model), tokenizer, out, tc.method)
         atomic_write_json(out / "metrics.json", metrics)  # written last: its presence marks the run finished

@@ -1,0 +1,231 @@
+"""End-to-end: the CLI trains tiny models with each method on GLUE-format fixtures and writes what it promises."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from kdlora.cli import main
+
+
+def _train(tmp, glue, *extra, task="cola"):
+    args = [
+        "train",
+        "--task",
+        task,
+        "--data-dir",
+        str(glue),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--quiet",
+        "--output-dir",
+        str(tmp),
+        *extra,
+    ]
+    assert main(args) == 0
+    return json.loads((tmp / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fft_run(tmp_path_factory, tiny_bert_dir, tiny_glue):
+    out = tmp_path_factory.mktemp("fft")
+    return out, _train(out, tiny_glue, "--method", "fft", "--model", str(tiny_bert_dir), "--lr", "1e-3")
+
+
+def _check_common(out, metrics, method):
+    assert metrics["status"] == "finished" and metrics["method"] == method and metrics["task"] == "cola"
+    assert 0 <= abs(metrics["score"]) <= 100 and "matthews_correlation" in metrics
+    assert len(metrics["epochs"]) == 2 and metrics["best_epoch"] in (1, 2)
+    assert len(metrics["train_loss"]) == 2 * 6  # 96 examples / batch 16, per epoch
+    for key in ("trainable_params", "total_params", "train_seconds", "peak_memory_mb"):
+        assert metrics[key] > 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["method"] == method and config["data"]["task"] == "cola"
+
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=str(out / "merged"))
+    assert clf("the cat likes the good dog .")[0]["label"] in ("unacceptable", "acceptable")
+
+
+def test_fft(fft_run):
+    out, metrics = fft_run
+    _check_common(out, metrics, "fft")
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert not (out / "adapter").exists()
+
+
+def test_lora(tmp_path, tiny_bert_dir, tiny_glue):
+    metrics = _train(tmp_path, tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--rank", "4")
+    _check_common(tmp_path, metrics, "lora")
+    assert metrics["lora_params"] == 4 * 2 * 4 * 64 and metrics["trainable_params"] < metrics["total_params"]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(adapter_config["modules_to_save"]) >= {"classifier", "pooler"}
+
+
+def test_kd_lora_with_teacher_model_and_student_layers(tmp_path, tiny_bert_dir, tiny_glue):
+    metrics = _train(
+        tmp_path,
+        tiny_glue,
+        "--method",
+        "kd-lora",
+        "--teacher-model",
+        str(tiny_bert_dir),
+        "--student-layers",
+        "0,2",
+        "--teacher-lr",
+        "1e-3",
+        "--teacher-epochs",
+        "1",
+    )
+    _check_common(tmp_path, metrics, "kd-lora")
+    assert (tmp_path / "teacher" / "metrics.json").is_file() and metrics["teacher_score"] is not None
+    assert metrics["total_params"] < metrics["teacher_total_params"]
+    assert len(metrics["train_loss_kd"]) == len(metrics["train_loss"]) and metrics["teacher_logits_cached"] is False
+    merged = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged["num_hidden_layers"] == 2
+    # The same command again reuses the finished teacher and its cached logits.
+    again = _train(
+        tmp_path,
+        tiny_glue,
+        "--method",
+        "kd-lora",
+        "--teacher-model",
+        str(tiny_bert_dir),
+        "--student-layers",
+        "0,2",
+        "--teacher-lr",
+        "1e-3",
+        "--teacher-epochs",
+        "1",
+        "--overwrite",
+    )
+    assert again["teacher_logits_cached"] is True and again["score"] == metrics["score"]
+
+
+def test_kd_lora_reuses_fft_teacher_dir_and_its_logits(tmp_path, fft_run, tiny_bert_dir, tiny_glue):
+    teacher, _ = fft_run
+    first = _train(
+        tmp_path / "a", tiny_glue, "--method", "kd-lora", "--teacher", str(teacher), "--model", str(tiny_bert_dir)
+    )
+    second = _train(
+        tmp_path / "b", tiny_glue, "--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "1,3"
+    )
+    assert (first["teacher_logits_cached"], second["teacher_logits_cached"]) == (False, True)
+    assert len(list((teacher / "logits").glob("*.safetensors"))) == 1
+
+
+def test_regression_kd_lora(tmp_path, tiny_bert_dir, tiny_glue):
+    teacher = tmp_path / "t"
+    _train(teacher, tiny_glue, "--method", "fft", "--model", str(tiny_bert_dir), task="stsb")
+    metrics = _train(
+        tmp_path / "s",
+        tiny_glue,
+        "--method",
+        "kd-lora",
+        "--teacher",
+        str(teacher),
+        "--student-layers",
+        "0,1",
+        task="stsb",
+    )
+    assert {"pearson", "spearman", "score"} <= set(metrics) and metrics["task"] == "stsb"
+
+
+def test_same_seed_same_run(tmp_path, tiny_bert_dir, tiny_glue):
+    a = _train(tmp_path / "a", tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--seed", "7")
+    b = _train(tmp_path / "b", tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--seed", "7")
+    c = _train(tmp_path / "c", tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--seed", "8")
+    assert a["train_loss"] == b["train_loss"] and a["epochs"] == b["epochs"]
+    assert a["train_loss"] != c["train_loss"]
+
+
+def test_evaluate_and_predict(tmp_path, fft_run, tiny_glue, capsys):
+    run_dir, metrics = fft_run
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model-dir",
+                str(run_dir),
+                "--task",
+                "cola",
+                "--data-dir",
+                str(tiny_glue),
+                "--output",
+                str(tmp_path / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    rescored = json.loads((tmp_path / "eval.json").read_text())
+    assert rescored["score"] == pytest.approx(metrics["score"], abs=1e-6)
+    assert (
+        main(
+            [
+                "predict",
+                "--model-dir",
+                str(run_dir),
+                "--task",
+                "cola",
+                "--data-dir",
+                str(tiny_glue),
+                "--output-dir",
+                str(tmp_path / "sub"),
+            ]
+        )
+        == 0
+    )
+    lines = (tmp_path / "sub" / "CoLA.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 11
+    assert all(line.split("\t")[1] in ("0", "1") for line in lines[1:])
+
+
+def test_finished_run_is_not_overwritten_silently(fft_run, tiny_bert_dir, tiny_glue, capsys):
+    out, _ = fft_run
+    code = main(
+        [
+            "train",
+            "--method",
+            "fft",
+            "--task",
+            "cola",
+            "--model",
+            str(tiny_bert_dir),
+            "--data-dir",
+            str(tiny_glue),
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert code == 2 and "already holds a finished run" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_with_exit_2(tmp_path, tiny_glue):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kdlora",
+            "train",
+            "--method",
+            "lora",
+            "--task",
+            "cola",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data-dir",
+            str(tiny_glue),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"kdlora: error: model path {tmp_path / 'nope'} does not exist"]

@@ -1,0 +1,71 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdlora.losses import distillation_loss, kd_loss, regression_kd_loss, task_loss
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(8, 3, generator=g) * 3,
+        torch.randn(8, 3, generator=g) * 3,
+        torch.randint(0, 3, (8,), generator=g),
+    )
+
+
+def test_kd_loss_equals_torch_kl_div(logits):
+    s, t, _ = logits
+    for temp in (1.0, 2.0, 4.0):
+        expected = (
+            F.kl_div(F.log_softmax(s / temp, -1), F.log_softmax(t / temp, -1), reduction="batchmean", log_target=True)
+            * temp**2
+        )
+        torch.testing.assert_close(kd_loss(s, t, temp), expected)
+
+
+def test_kd_loss_is_zero_for_identical_distributions(logits):
+    s, _, _ = logits
+    assert kd_loss(s, s.clone(), 2.0).abs().item() < 1e-6
+    assert kd_loss(s, s + 5.0, 2.0).abs().item() < 1e-5  # a shift of the logits leaves the softmax unchanged
+
+
+def test_kd_loss_is_positive_and_scaled_by_t_squared(logits):
+    s, t, _ = logits
+    assert kd_loss(s, t, 1.0) > 0
+    raw = F.kl_div(F.log_softmax(s / 3.0, -1), F.softmax(t / 3.0, -1), reduction="batchmean")
+    torch.testing.assert_close(kd_loss(s, t, 3.0), raw * 9.0)
+
+
+def test_kd_loss_is_forward_kl_teacher_to_student():
+    s, t = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p_t = torch.softmax(t, -1)
+    expected = (p_t * (p_t.log() - torch.log_softmax(s, -1))).sum()
+    torch.testing.assert_close(kd_loss(s, t, 1.0), expected)
+    assert not torch.allclose(kd_loss(s, t, 1.0), kd_loss(t, s, 1.0))
+
+
+def test_alpha_one_is_pure_task_loss_and_zero_pure_kd(logits):
+    s, t, y = logits
+    total, hard, soft = distillation_loss(s, t, y, alpha=1.0, temperature=2.0)
+    torch.testing.assert_close(total, F.cross_entropy(s, y))
+    total, hard, soft = distillation_loss(s, t, y, alpha=0.0, temperature=2.0)
+    torch.testing.assert_close(total, kd_loss(s, t, 2.0))
+    total, hard, soft = distillation_loss(s, t, y, alpha=0.3, temperature=2.0)
+    torch.testing.assert_close(total, 0.3 * hard + 0.7 * soft)
+
+
+def test_regression_branch_uses_mse():
+    s, t, y = torch.tensor([[1.0], [2.0]]), torch.tensor([[1.5], [1.0]]), torch.tensor([0.0, 2.0])
+    total, hard, soft = distillation_loss(s, t, y, alpha=0.5, regression=True)
+    torch.testing.assert_close(hard, torch.tensor((1.0 + 0.0) / 2))
+    torch.testing.assert_close(soft, torch.tensor((0.25 + 1.0) / 2))
+    torch.testing.assert_close(total, 0.5 * hard + 0.5 * soft)
+    torch.testing.assert_close(regression_kd_loss(s, t), soft)
+    torch.testing.assert_close(task_loss(s, y, regression=True), hard)
+
+
+def test_losses_compute_in_fp32():
+    s, t = torch.randn(4, 2).bfloat16(), torch.randn(4, 2).bfloat16()
+    assert kd_loss(s, t).dtype == torch.float32

@@ -1,0 +1,151 @@
+import pytest
+import torch
+from conftest import VOCAB, make_tokenizer, tiny_bert_config
+
+from kdlora.config import LoraArgs
+from kdlora.errors import KdloraError
+from kdlora.models import (
+    add_lora,
+    count_parameters,
+    deployed_parameters,
+    head_modules,
+    keep_layers,
+    merge,
+    resolve_target_modules,
+)
+
+
+def _tiny(kind: str):
+    from transformers import (
+        BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    common = dict(vocab_size=len(VOCAB), num_labels=2)
+    torch.manual_seed(0)
+    if kind == "bert":
+        return BertForSequenceClassification(tiny_bert_config(num_labels=2))
+    if kind == "distilbert":
+        return DistilBertForSequenceClassification(
+            DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, max_position_embeddings=64, **common)
+        )
+    if kind == "roberta":
+        return RobertaForSequenceClassification(
+            RobertaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=37,
+                max_position_embeddings=70,
+                **common,
+            )
+        )
+    return DebertaV2ForSequenceClassification(
+        DebertaV2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            pooler_hidden_size=32,
+            **common,
+        )
+    )
+
+
+TARGETS = {
+    "bert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "roberta": ["query", "value"],
+    "deberta": ["query_proj", "value_proj"],
+}
+HEADS = {
+    "bert": ["classifier", "pooler"],
+    "distilbert": ["classifier", "pre_classifier"],
+    "roberta": ["classifier"],
+    "deberta": ["classifier", "pooler"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TARGETS))
+def test_lora_targets_and_only_lora_and_head_change(kind):
+    model = _tiny(kind)
+    assert resolve_target_modules(model, None) == TARGETS[kind]
+    assert head_modules(model) == HEADS[kind]
+    model = add_lora(model, LoraArgs(r=4, lora_alpha=8, lora_dropout=0.0))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(5, len(VOCAB), (4, 9))
+    for _ in range(2):  # two steps: LoRA B starts at zero, so A moves only from the second step on
+        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([0, 1, 0, 1]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+def test_unknown_target_module_is_a_clear_error():
+    with pytest.raises(KdloraError, match="'?qkv'? not found"):
+        resolve_target_modules(_tiny("bert"), ["qkv"])
+
+
+def test_parameter_counts_follow_the_lora_formula():
+    model = add_lora(_tiny("bert"), LoraArgs(r=8))
+    counts = count_parameters(model)
+    assert counts["lora_params"] == 4 * 2 * 8 * (32 + 32)  # layers x (q, v) x r x (d_in + d_out)
+    head = (32 * 32 + 32) + (32 * 2 + 2)  # pooler + classifier
+    assert counts["trainable_params"] == counts["lora_params"] + head
+    assert deployed_parameters(model) == sum(p.numel() for p in _tiny("bert").parameters())
+
+
+def test_bert_base_query_value_lora_count():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    with torch.device("meta"):
+        model = add_lora(BertForSequenceClassification(BertConfig()), LoraArgs(r=8))
+    assert count_parameters(model)["lora_params"] == 294_912  # 12 layers x 2 x 8 x (768 + 768)
+
+
+def test_keep_layers_builds_a_student():
+    model = _tiny("bert")
+    third = model.bert.encoder.layer[3].attention.self.query.weight.clone()
+    keep_layers(model, [1, 3])
+    assert model.config.num_hidden_layers == 2 and len(model.bert.encoder.layer) == 2
+    assert torch.equal(model.bert.encoder.layer[1].attention.self.query.weight, third)
+    assert model(input_ids=torch.randint(5, 30, (2, 7))).logits.shape == (2, 2)
+    with pytest.raises(KdloraError, match="out of range"):
+        keep_layers(_tiny("bert"), [0, 4])
+
+
+def test_merged_equals_unmerged_and_reloaded_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = _tiny("bert")
+    base.save_pretrained(tmp_path / "base")
+    model = add_lora(base, LoraArgs(r=4, lora_alpha=8, lora_dropout=0.0))
+    with torch.no_grad():  # make the adapter non-trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    ids = torch.randint(5, len(VOCAB), (3, 11))
+    unmerged = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    merged = merge(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(input_ids=ids).logits, unmerged, atol=1e-5, rtol=0)
+    reloaded = PeftModel.from_pretrained(
+        BertForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, unmerged, atol=1e-6, rtol=0)
+    make_tokenizer(tmp_path / "tok")
