@@ -229,3 +229,10 @@ def test_errors_are_one_line_with_exit_2(tmp_path, tiny_glue):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"kdlora: error: model path {tmp_path / 'nope'} does not exist"]
+
+
+def test_bf16_autocast_and_grad_accumulation_run_on_cpu(tmp_path, tiny_bert_dir, tiny_glue):
+    metrics = _train(tmp_path, tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--mixed-precision", "bf16",
+                     "--grad-accum-steps", "2")
+    assert len(metrics["train_loss"]) == 2 * 3  # 6 micro-batches per epoch, 2 per optimizer step
+    assert all(isinstance(x, float) for x in metrics["train_loss"])

@@ -248,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         from transformers.utils import logging as hf_logging
 
+        from huggingface_hub.utils import logging as hub_logging
+
         hf_logging.set_verbosity_error()  # keep "newly initialized weights" notices out of the user's way
+        hub_logging.set_verbosity_error()  # and the hub client's retry chatter when offline: our error says it
         hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no bars for loading and saving
         warnings.filterwarnings("ignore", category=FutureWarning)
     commands = {"train": _train, "demo": _demo, "evaluate": _evaluate, "predict": _predict}

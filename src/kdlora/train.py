@@ -191,7 +191,11 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
+    from accelerate.state import AcceleratorState
+
     tc, task = cfg.train, get_task(cfg.data.task)
+    # accelerate keeps one global state; forget the previous run's precision (the process group is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps)
     quiet = tc.quiet or not accelerator.is_main_process
     if accelerator.is_main_process:
