@@ -69,20 +69,9 @@ def test_lora(tmp_path, tiny_bert_dir, tiny_glue):
 
 
 def test_kd_lora_with_teacher_model_and_student_layers(tmp_path, tiny_bert_dir, tiny_glue):
-    metrics = _train(
-        tmp_path,
-        tiny_glue,
-        "--method",
-        "kd-lora",
-        "--teacher-model",
-        str(tiny_bert_dir),
-        "--student-layers",
-        "0,2",
-        "--teacher-lr",
-        "1e-3",
-        "--teacher-epochs",
-        "1",
-    )
+    args = ["--method", "kd-lora", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2"]
+    args += ["--teacher-lr", "1e-3", "--teacher-epochs", "1"]
+    metrics = _train(tmp_path, tiny_glue, *args)
     _check_common(tmp_path, metrics, "kd-lora")
     assert (tmp_path / "teacher" / "metrics.json").is_file() and metrics["teacher_score"] is not None
     assert metrics["total_params"] < metrics["teacher_total_params"]
@@ -90,21 +79,7 @@ def test_kd_lora_with_teacher_model_and_student_layers(tmp_path, tiny_bert_dir, 
     merged = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert merged["num_hidden_layers"] == 2
     # The same command again reuses the finished teacher and its cached logits.
-    again = _train(
-        tmp_path,
-        tiny_glue,
-        "--method",
-        "kd-lora",
-        "--teacher-model",
-        str(tiny_bert_dir),
-        "--student-layers",
-        "0,2",
-        "--teacher-lr",
-        "1e-3",
-        "--teacher-epochs",
-        "1",
-        "--overwrite",
-    )
+    again = _train(tmp_path, tiny_glue, *args, "--overwrite")
     assert again["teacher_logits_cached"] is True and again["score"] == metrics["score"]
 
 
@@ -147,40 +122,11 @@ def test_same_seed_same_run(tmp_path, tiny_bert_dir, tiny_glue):
 
 def test_evaluate_and_predict(tmp_path, fft_run, tiny_glue, capsys):
     run_dir, metrics = fft_run
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model-dir",
-                str(run_dir),
-                "--task",
-                "cola",
-                "--data-dir",
-                str(tiny_glue),
-                "--output",
-                str(tmp_path / "eval.json"),
-            ]
-        )
-        == 0
-    )
+    common = ["--model-dir", str(run_dir), "--task", "cola", "--data-dir", str(tiny_glue)]
+    assert main(["evaluate", *common, "--output", str(tmp_path / "eval.json")]) == 0
     rescored = json.loads((tmp_path / "eval.json").read_text())
     assert rescored["score"] == pytest.approx(metrics["score"], abs=1e-6)
-    assert (
-        main(
-            [
-                "predict",
-                "--model-dir",
-                str(run_dir),
-                "--task",
-                "cola",
-                "--data-dir",
-                str(tiny_glue),
-                "--output-dir",
-                str(tmp_path / "sub"),
-            ]
-        )
-        == 0
-    )
+    assert main(["predict", *common, "--output-dir", str(tmp_path / "sub")]) == 0
     lines = (tmp_path / "sub" / "CoLA.tsv").read_text().splitlines()
     assert lines[0] == "index\tprediction" and len(lines) == 11
     assert all(line.split("\t")[1] in ("0", "1") for line in lines[1:])
@@ -232,7 +178,17 @@ def test_errors_are_one_line_with_exit_2(tmp_path, tiny_glue):
 
 
 def test_bf16_autocast_and_grad_accumulation_run_on_cpu(tmp_path, tiny_bert_dir, tiny_glue):
-    metrics = _train(tmp_path, tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--mixed-precision", "bf16",
-                     "--grad-accum-steps", "2")
+    metrics = _train(
+        tmp_path,
+        tiny_glue,
+        "--method",
+        "lora",
+        "--model",
+        str(tiny_bert_dir),
+        "--mixed-precision",
+        "bf16",
+        "--grad-accum-steps",
+        "2",
+    )
     assert len(metrics["train_loss"]) == 2 * 3  # 6 micro-batches per epoch, 2 per optimizer step
     assert all(isinstance(x, float) for x in metrics["train_loss"])

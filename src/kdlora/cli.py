@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -54,8 +55,10 @@ BOOL_FLAGS: dict[str, tuple[str, str, str]] = {
 }
 
 # The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student.
+# The student starts from the fine-tuned teacher's layers: all-MiniLM-L6-v2 was trained for mean-pooled embeddings, and
+# from its pretrained layers a LoRA student barely leaves the majority class on CoLA (MCC 0.06 against 0.14).
 DEMO: dict[str, dict[str, Any]] = {
-    "model": {"teacher_model": "all-MiniLM-L6-v2", "student_layers": [0, 2, 4]},
+    "model": {"teacher_model": "all-MiniLM-L6-v2", "student_layers": [0, 2, 4], "student_init": "teacher"},
     "data": {"task": "cola"},
     "kd": {"teacher_epochs": 2},
     "train": {"method": "kd-lora", "epochs": 3, "output_dir": "runs/demo", "lr": 2e-3},
@@ -133,7 +136,7 @@ def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = 
 
 
 def _demo(args: argparse.Namespace) -> int:
-    preset = json.loads(json.dumps(DEMO))
+    preset = copy.deepcopy(DEMO)
     if args.quick:
         for section, items in DEMO_QUICK.items():
             preset.setdefault(section, {}).update(items)
@@ -246,9 +249,8 @@ def _predict(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
-        from transformers.utils import logging as hf_logging
-
         from huggingface_hub.utils import logging as hub_logging
+        from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # keep "newly initialized weights" notices out of the user's way
         hub_logging.set_verbosity_error()  # and the hub client's retry chatter when offline: our error says it

@@ -187,11 +187,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[str, Any]:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
-
-    from accelerate.state import AcceleratorState
 
     tc, task = cfg.train, get_task(cfg.data.task)
     # accelerate keeps one global state; forget the previous run's precision (the process group is kept).
@@ -317,6 +316,8 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
         "total_params": total_params,
         "train_seconds": train_seconds,
         "peak_memory_mb": peak_mb,
+        # On CPU this is the whole process's peak RSS, so it includes an fft teacher trained by the same command.
+        "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "process_peak_rss",
         "num_train_examples": len(train_ds),
         "num_eval_examples": {s: len(loader.dataset) for s, loader in eval_loaders.items()},
         "device": str(accelerator.device),
