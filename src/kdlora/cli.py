@@ -157,10 +157,10 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
             f"teacher (fft): score {metrics['teacher_score']:.2f}, {metrics['teacher_total_params']:,} parameters "
             f"({metrics['teacher']})"
         )
+    lora = f" (LoRA {metrics['lora_params']:,})" if metrics["lora_params"] else ""
     print(
-        f"parameters: {metrics['trainable_params']:,} trainable of {metrics['total_params']:,} "
-        f"(LoRA {metrics['lora_params']:,}); trained in {metrics['train_seconds']:.0f} s, "
-        f"peak memory {metrics['peak_memory_mb']:.0f} MB"
+        f"parameters: {metrics['trainable_params']:,} trainable of {metrics['total_params']:,}{lora}; "
+        f"trained in {metrics['train_seconds']:.0f} s, peak memory {metrics['peak_memory_mb']:.0f} MB"
     )
     parts = ", ".join(str(out / p) for p in ("adapter", "merged", "metrics.json", "config.yaml") if (out / p).exists())
     print(f"artefacts: {parts}")
