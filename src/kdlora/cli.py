@@ -63,10 +63,10 @@ DEMO: dict[str, dict[str, Any]] = {
     "kd": {"teacher_epochs": 2},
     "train": {"method": "kd-lora", "epochs": 3, "output_dir": "runs/demo", "lr": 2e-3},
 }
+# A few minutes on 2 CPU cores. Smaller batches give the teacher enough steps to leave the majority class.
 DEMO_QUICK = {
-    "data": {"max_train_samples": 2000, "max_eval_samples": 500},
-    "kd": {"teacher_epochs": 2},
-    "train": {"epochs": 2, "output_dir": "runs/demo-quick"},
+    "data": {"max_train_samples": 3000, "max_eval_samples": 500},
+    "train": {"epochs": 2, "batch_size": 16, "output_dir": "runs/demo-quick"},
 }
 
 
@@ -96,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(p)
 
     p = sub.add_parser("demo", help="the offline default: KD-LoRA on CoLA, MiniLM-L6 teacher, 3-layer student")
-    p.add_argument("--quick", action="store_true", help="2000 training examples, 2 epochs: a few minutes on CPU")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="3000 training examples, 500 dev, batch 16, 2 epochs: about 4 minutes on 2 CPU cores",
+    )
     _add_train_flags(p)
 
     p = sub.add_parser("evaluate", help="score a saved model on a task's validation split(s)")
