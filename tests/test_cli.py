@@ -192,3 +192,27 @@ def test_bf16_autocast_and_grad_accumulation_run_on_cpu(tmp_path, tiny_bert_dir,
     )
     assert len(metrics["train_loss"]) == 2 * 3  # 6 micro-batches per epoch, 2 per optimizer step
     assert all(isinstance(x, float) for x in metrics["train_loss"])
+
+
+def test_teacher_cache_is_checked_not_trusted(fft_run, tiny_glue):
+    import torch
+
+    from kdlora.config import DataArgs
+    from kdlora.data import load_splits
+    from kdlora.tasks import get_task
+    from kdlora.teacher import teacher_logits
+
+    run_dir, _ = fft_run
+    task = get_task("cola")
+    train = load_splits(DataArgs(task="cola", data_dir=str(tiny_glue)), ["train"])["train"]
+    first, _ = teacher_logits(run_dir, train, task, 128, quiet=True)
+    again, cached = teacher_logits(run_dir, train, task, 128, quiet=True)
+    assert cached and torch.equal(again.logits, first.logits)
+    for path in (run_dir / "logits").glob("*.safetensors"):  # a truncated cache file is recomputed, not read
+        path.write_bytes(path.read_bytes()[:100])
+    fresh, cached = teacher_logits(run_dir, train, task, 128, quiet=True)
+    assert not cached and torch.equal(fresh.ids, first.ids)
+    torch.testing.assert_close(fresh.logits, first.logits)
+    subset, cached = teacher_logits(run_dir, train[:40], task, 128, quiet=True)  # other data: another fingerprint
+    assert not cached and len(subset.ids) == 40
+    torch.testing.assert_close(subset.logits, first.logits[:40], atol=1e-5, rtol=0)

