@@ -47,9 +47,16 @@ TRAIN_FLAGS: dict[str, tuple[str, str, str]] = {
     "--temperature": ("kd", "temperature", "distillation temperature T"),
     "--teacher-lr": ("kd", "teacher_lr", "learning rate of the teacher trained by --teacher-model"),
     "--teacher-epochs": ("kd", "teacher_epochs", "epochs of that teacher (default: --epochs)"),
+    "--save-steps": ("train", "save_steps", "checkpoint every N optimizer steps and at each epoch end (default 500)"),
 }
 BOOL_FLAGS: dict[str, tuple[str, str, str]] = {
     "--overwrite": ("train", "overwrite", "replace a finished run in --output-dir"),
+    "--resume": ("train", "resume", "continue the unfinished run in --output-dir (the same command does it too)"),
+    "--no-recompute": (
+        "kd",
+        "no_recompute",
+        "fail instead of recomputing teacher logits when the cache does not match",
+    ),
     "--quiet": ("train", "quiet", "no progress bars"),
     "--trust-remote-code": ("model", "trust_remote_code", "let model repositories run their own code"),
 }

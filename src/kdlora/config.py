@@ -91,6 +91,7 @@ class KDArgs:
     temperature: float = 2.0  # softmax temperature of the distillation loss
     teacher_lr: float = 5e-5  # learning rate of the fft teacher trained by --teacher-model
     teacher_epochs: int | None = None  # epochs of that teacher; None uses train.epochs
+    no_recompute: bool = False  # fail instead of recomputing when no cached teacher logits match
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
@@ -114,6 +115,8 @@ class TrainArgs:
     seed: int = 42  # fixes data order, dropout, head and LoRA initialisation
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (bf16 on CUDA is the fast path)
     overwrite: bool = False  # replace an existing run in output_dir
+    resume: bool = False  # require a checkpointed unfinished run in output_dir (one is resumed anyway when present)
+    save_steps: int = 500  # checkpoint every N optimizer steps (and at every epoch end); 0: epoch ends only
     quiet: bool = False  # no progress bars
 
     def __post_init__(self) -> None:
@@ -126,6 +129,7 @@ class TrainArgs:
         _require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _require(self.grad_accum_steps > 0, f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
         _require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _require(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
 
 
 @dataclass

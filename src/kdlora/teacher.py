@@ -132,6 +132,7 @@ def teacher_logits(
     batch_size: int = 64,
     device: torch.device | None = None,
     quiet: bool = False,
+    recompute: bool = True,
 ) -> tuple[TeacherLogits, bool]:
     """The teacher's logits for `examples`, from the cache when it matches, else computed and cached.
 
@@ -144,6 +145,11 @@ def teacher_logits(
     cached = _load_cache(path, fp, ids, task.num_labels)
     if cached is not None:
         return cached, True
+    if not recompute:
+        raise KdloraError(
+            f"no valid cached teacher logits for this teacher, data, tokenizer and label map (expected {path}); "
+            "run without --no-recompute to compute them"
+        )
     logits = _compute(model_dir, examples, task, max_length, batch_size, device or torch.device("cpu"), quiet)
     if not torch.isfinite(logits).all():
         raise KdloraError(f"the teacher in {run_dir} produced non-finite logits; retrain it")

@@ -22,6 +22,15 @@ import yaml
 from torch.utils.data import DataLoader
 
 from kdlora import __version__
+from kdlora.checkpoint import (
+    CHECKPOINT_DIR,
+    Checkpoint,
+    Progress,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from kdlora.config import RunConfig, save_config
 from kdlora.data import Collator, LengthGroupedBatchSampler, TokenizedDataset, eval_batches, load_splits
 from kdlora.errors import KdloraError
@@ -36,10 +45,11 @@ from kdlora.teacher import teacher_logits, teacher_model_dir
 # Setup
 
 
-def prepare_output_dir(cfg: RunConfig) -> Path:
-    """Make output_dir ready for a new run. A finished run or foreign files are only replaced with --overwrite.
+def prepare_output_dir(cfg: RunConfig) -> tuple[Path, bool]:
+    """Make output_dir ready. Returns (dir, resume): resume when it holds a checkpointed unfinished run of this config.
 
-    A teacher/ sub-run is kept: it is reused when its config matches, retrained otherwise.
+    A finished run or foreign files are only replaced with --overwrite. A kd-lora run keeps its teacher/ sub-run: it is
+    reused when its config matches, retrained otherwise.
     """
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
@@ -52,12 +62,22 @@ def prepare_output_dir(cfg: RunConfig) -> Path:
                 raise KdloraError(
                     f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite"
                 )
+            if (out / CHECKPOINT_DIR).is_dir():
+                previous = yaml.safe_load((out / "config.yaml").read_text())
+                if _comparable(previous) != _comparable(cfg):
+                    raise KdloraError(
+                        f"{out} holds an unfinished run with another config: rerun it as it was to resume, "
+                        "or pass --overwrite"
+                    )
+                return out, True
         for child in out.iterdir():
             if child.name == "teacher" and cfg.train.method == "kd-lora":
                 continue
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if cfg.train.resume:
+        raise KdloraError(f"--resume: {out} holds no checkpointed unfinished run to resume")
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, False
 
 
 def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
@@ -68,15 +88,16 @@ def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
     t.train.lr = cfg.kd.teacher_lr
     t.train.epochs = cfg.kd.teacher_epochs or cfg.train.epochs
     t.train.output_dir = str(output_dir)
-    t.train.overwrite = True
+    t.train.overwrite = t.train.resume = False  # an unfinished teacher resumes; a finished one is reused or replaced
     t.lora, t.kd = type(cfg.lora)(), type(cfg.kd)()
     return t
 
 
 def _comparable(cfg: RunConfig | dict) -> dict:
     d = copy.deepcopy(cfg if isinstance(cfg, dict) else cfg.to_dict())
-    for key in ("output_dir", "overwrite", "quiet"):
+    for key in ("output_dir", "overwrite", "quiet", "resume", "save_steps"):  # settings that leave results alone
         d["train"].pop(key, None)
+    d["kd"].pop("no_recompute", None)
     return d
 
 
@@ -84,11 +105,12 @@ def ensure_teacher(cfg: RunConfig, out: Path) -> Path:
     """Train the fft teacher into OUTPUT/teacher, or reuse the finished one there if it was trained the same way."""
     tdir = out / "teacher"
     tcfg = teacher_config(cfg, tdir)
-    if read_run(tdir) is not None:
-        previous = yaml.safe_load((tdir / "config.yaml").read_text())
-        if _comparable(previous) == _comparable(tcfg):
+    if (tdir / "config.yaml").is_file():
+        same = _comparable(yaml.safe_load((tdir / "config.yaml").read_text())) == _comparable(tcfg)
+        if same and read_run(tdir) is not None:
             print(f"reusing the finished teacher in {tdir}")
             return tdir
+        tcfg.train.overwrite = not same  # the same teacher, unfinished, resumes from its checkpoint
     print(f"training the fft teacher ({cfg.model.teacher_model}) into {tdir}")
     run(tcfg)
     return tdir
@@ -177,15 +199,15 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task,
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run `kdlora train`: prepare the output directory, get a teacher when distilling, train, save. Returns metrics."""
-    out = prepare_output_dir(cfg)
+    out, resume = prepare_output_dir(cfg)
     teacher_run = None
     if cfg.train.method == "kd-lora":
         teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg, out)
         teacher_model_dir(teacher_run, get_task(cfg.data.task))  # fail now, not after loading data
-    return train(cfg, out, teacher_run)
+    return train(cfg, out, teacher_run, resume)
 
 
-def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bool = False) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -213,6 +235,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
             batch_size=tc.eval_batch_size,
             device=accelerator.device,
             quiet=quiet,
+            recompute=not cfg.kd.no_recompute,
         )
         t_logits_seconds = time.perf_counter() - t0
     set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
@@ -224,7 +247,13 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     if teacher_run is not None:
         train_ds.teacher_logits = logits.rows_for(train_ds.ids)
     sampler = LengthGroupedBatchSampler(train_ds.lengths, tc.batch_size, tc.seed)
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=Collator(tokenizer, task.is_regression))
+    # The loader's own generator keeps it from drawing on the global RNG, which drives dropout and is checkpointed.
+    train_loader = DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        collate_fn=Collator(tokenizer, task.is_regression),
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
     eval_loaders = {
         s: eval_loader(
             TokenizedDataset(splits[s], tokenizer, cfg.data.max_length),
@@ -243,28 +272,60 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
 
-    history: dict[str, list[float]] = {"train_loss": [], "train_loss_task": [], "train_loss_kd": []}
-    epochs: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ckpt = load_checkpoint(out) if resume else None
+    progress = (
+        ckpt.progress if ckpt else Progress(history={"train_loss": [], "train_loss_task": [], "train_loss_kd": []})
+    )
+    history, epochs = progress.history, progress.epochs
+    best_state = ckpt.best if ckpt else None
+    if ckpt:  # continue a killed run: weights, optimizer, schedule and position; the RNG is set below
+        with torch.no_grad():
+            for n, p in trainable:
+                p.copy_(ckpt.trainable[n])
+        optimizer.load_state_dict(ckpt.state["optimizer"])
+        scheduler.load_state_dict(ckpt.state["scheduler"])
+        print(f"resuming {out} at epoch {progress.epoch + 1}, batch {progress.batches_done}")
+
+    def checkpoint() -> None:
+        progress.train_seconds = seconds_before + time.perf_counter() - start
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.is_main_process:
+            save_checkpoint(out, Checkpoint(progress, dict(trainable), best_state, state, rng_state()))
+
     kd = cfg.kd
-    bar = tqdm(total=total_steps, desc=f"{tc.method} {task.name}", disable=quiet)
-    start = time.perf_counter()
-    for epoch in range(tc.epochs):
+    bar = tqdm(total=total_steps, initial=len(history["train_loss"]), desc=f"{tc.method} {task.name}", disable=quiet)
+    seconds_before, start = progress.train_seconds, time.perf_counter()
+    for epoch in range(progress.epoch, tc.epochs):
         model.train()
-        sampler.set_epoch(epoch)
+        skip = progress.batches_done if epoch == progress.epoch else 0
+        # accelerate's loader hands its own epoch counter to the sampler, so set it: a resumed run starts mid-count.
+        train_loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        batches.set_epoch(epoch)
+        if ckpt:
+            set_rng_state(ckpt.rng)
+            accelerator.step = skip  # micro-batches already accumulated this epoch
+        ckpt = None
         acc: list[torch.Tensor] = []
-        for batch in train_loader:
+        for batch in batches:
             with accelerator.accumulate(model):
                 batch.pop("idx")
                 labels, t = batch.pop("labels"), batch.pop("teacher_logits", None)
                 logits = model(**batch).logits
                 if t is None:
                     loss = hard = task_loss(logits, labels, task.is_regression)
-                    soft = torch.zeros(())
+                    soft = torch.zeros((), device=loss.device)
                 else:
                     loss, hard, soft = distillation_loss(
                         logits, t, labels, alpha=kd.alpha, temperature=kd.temperature, regression=task.is_regression
+                    )
+                if not torch.isfinite(loss):  # stop before a bad step reaches the weights or a checkpoint
+                    kept = out / CHECKPOINT_DIR
+                    saved = f"; the last good checkpoint is kept in {kept}" if kept.exists() else ""
+                    raise KdloraError(
+                        f"the loss became {loss.item()} at step {len(history['train_loss']) + 1}{saved}: "
+                        "lower --lr, or turn off --mixed-precision"
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm > 0:
@@ -272,44 +333,40 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            acc.append(torch.stack([loss.detach(), hard.detach(), soft.detach().to(loss.device)]))
+            acc.append(torch.stack([loss.detach(), hard.detach(), soft.detach()]))
+            progress.batches_done += 1
             if accelerator.sync_gradients:
-                step_loss = torch.stack(acc).mean(0).tolist()
-                acc = []
-                if not math.isfinite(step_loss[0]):
-                    raise KdloraError(
-                        f"the loss became {step_loss[0]} at step {len(history['train_loss']) + 1}: "
-                        "lower --lr, or turn off --mixed-precision"
-                    )
-                for key, value in zip(history, step_loss, strict=True):
+                for key, value in zip(history, torch.stack(acc).mean(0).tolist(), strict=True):
                     history[key].append(value)
+                acc = []
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss[0]:.4f}")
+                bar.set_postfix(loss=f"{history['train_loss'][-1]:.4f}")
+                if tc.save_steps and len(history["train_loss"]) % tc.save_steps == 0:
+                    checkpoint()
         result = evaluate(model, eval_loaders, task, accelerator)
         epochs.append({"epoch": epoch + 1, **result})
         if not quiet:
             bar.write(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        if best is None or result["score"] > best["score"]:
+        if progress.best_score is None or result["score"] > progress.best_score:
             # Keep the best epoch's weights: only the trainable ones can differ between epochs.
-            best = {
-                "epoch": epoch + 1,
-                "score": result["score"],
-                "state": {n: p.detach().to("cpu", copy=True) for n, p in trainable},
-            }
+            progress.best_epoch, progress.best_score = epoch + 1, result["score"]
+            best_state = {n: p.detach().to("cpu", copy=True) for n, p in trainable}
+        progress.epoch, progress.batches_done = epoch + 1, 0
+        checkpoint()
     bar.close()
-    train_seconds = time.perf_counter() - start
+    train_seconds = seconds_before + time.perf_counter() - start
     peak_mb = peak_memory_mb(accelerator.device)
     with torch.no_grad():
         for n, p in trainable:
-            p.copy_(best["state"][n])
+            p.copy_(best_state[n])
 
-    best_metrics = epochs[best["epoch"] - 1]
+    best_metrics = epochs[progress.best_epoch - 1]
     metrics = {
         "status": "finished",
         "task": task.name,
         "method": tc.method,
         **{k: v for k, v in best_metrics.items() if k != "epoch"},
-        "best_epoch": best["epoch"],
+        "best_epoch": progress.best_epoch,
         "epochs": epochs,
         **(history if tc.method == "kd-lora" else {"train_loss": history["train_loss"]}),
         **params,
@@ -338,6 +395,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None) -> dict[st
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(model), tokenizer, out, tc.method)
         atomic_write_json(out / "metrics.json", metrics)  # written last: its presence marks the run finished
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # a finished run needs no checkpoint
     accelerator.wait_for_everyone()
     return metrics
 
