@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from kdlora.cli import main
+from kdlora.errors import KdloraError
 
 
 def _train(tmp, glue, *extra, task="cola"):
@@ -216,3 +217,12 @@ def test_teacher_cache_is_checked_not_trusted(fft_run, tiny_glue):
     subset, cached = teacher_logits(run_dir, train[:40], task, 128, quiet=True)  # other data: another fingerprint
     assert not cached and len(subset.ids) == 40
     torch.testing.assert_close(subset.logits, first.logits[:40], atol=1e-5, rtol=0)
+    with pytest.raises(KdloraError, match="no valid cached teacher logits"):  # --no-recompute: fail, don't recompute
+        teacher_logits(run_dir, train[:30], task, 128, quiet=True, recompute=False)
+    assert teacher_logits(run_dir, train[:40], task, 128, quiet=True, recompute=False)[1] is True
+
+
+def test_evaluate_refuses_an_unfinished_run(tmp_path, tiny_glue, capsys):
+    (tmp_path / "config.yaml").write_text("train: {method: lora}\n")
+    assert main(["evaluate", "--model-dir", str(tmp_path), "--task", "cola", "--data-dir", str(tiny_glue)]) == 2
+    assert "unfinished run" in capsys.readouterr().err

@@ -125,3 +125,12 @@ def test_teacher_logits_stay_with_their_example_under_shuffling(tmp_path):
     assert seen == 50
     with pytest.raises(KdloraError, match="missing"):
         cache.rows_for([5])
+
+
+def test_regression_label_must_be_a_finite_number(tmp_path):
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    (tmp_path / "STS-B").mkdir()
+    for bad in ("nan", "high"):
+        (tmp_path / "STS-B" / "train.tsv").write_text(header + f"0\tg\tf\ty\t0\tn\tn\ta cat\ta dog\t{bad}\n")
+        with pytest.raises(KdloraError, match="not a finite number"):
+            load_splits(DataArgs(task="stsb", data_dir=str(tmp_path)), ["train"])

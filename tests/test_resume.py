@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL and started again ends exactly as the same run left alone; a bad loss keeps a checkpoint."""
+"""A run killed with SIGKILL and started again ends exactly as if left alone; a bad loss keeps the last checkpoint."""
 
 import json
 import os
@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import write_glue
+
 from kdlora.cli import main
 
 
@@ -19,8 +19,28 @@ def glue(tmp_path_factory):
 
 
 def _cmd(glue, model, out, *extra):
-    return [sys.executable, "-m", "kdlora", "train", "--method", "lora", "--task", "cola", "--model", str(model),
-            "--data-dir", str(glue), "--epochs", "3", "--batch-size", "8", "--quiet", "--output-dir", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "kdlora",
+        "train",
+        "--method",
+        "lora",
+        "--task",
+        "cola",
+        "--model",
+        str(model),
+        "--data-dir",
+        str(glue),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--quiet",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _progress(out):

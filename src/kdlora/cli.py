@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import sys
@@ -274,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"kdlora: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permissions, ...: say what and where, never leave it looking finished
+        if args.debug:
+            traceback.print_exc()
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"kdlora: error: {reason}{where}; the run was not marked finished", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdlora: interrupted; the run is unfinished (no metrics.json was written)", file=sys.stderr)

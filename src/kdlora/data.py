@@ -6,6 +6,7 @@ are looked up by example and never by batch position.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,14 @@ class Example:
 def _parse_label(raw: str, task: Task, where: str) -> int | float:
     if task.is_regression:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
-            raise KdloraError(f"{where}: label '{raw}' is not a number; {task.name} is a regression task") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise KdloraError(f"{where}: label {raw!r} is not a finite number; {task.name} is a regression task")
+        return value
     if raw not in task.labels:
-        raise KdloraError(f"{where}: unknown label '{raw}' for {task.name}; expected one of {', '.join(task.labels)}")
+        raise KdloraError(f"{where}: unknown label {raw!r} for {task.name}; expected one of {', '.join(task.labels)}")
     return task.labels.index(raw)
 
 
@@ -85,7 +89,7 @@ def read_glue_tsv(path: str | Path, task: Task, split: str) -> list[Example]:
             try:
                 ex_id = int(cells[id_col])
             except ValueError:
-                raise KdloraError(f"{where}: index '{cells[id_col]}' is not an integer") from None
+                raise KdloraError(f"{where}: index {cells[id_col]!r} is not an integer") from None
         else:
             ex_id = row
         label = None if is_test else _parse_label(cells[col[task.tsv_label]], task, where)
