@@ -121,6 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="also write the metrics to this JSON file")
 
+    p = sub.add_parser("bench", help="parameters per rank, size, peak training memory and inference time per method")
+    p.add_argument("--teacher", default="all-MiniLM-L6-v2", help="teacher checkpoint (default: the packaged MiniLM)")
+    p.add_argument("--student", help="student checkpoint (default: --student-layers of the teacher)")
+    p.add_argument("--student-layers", default="0,2,4")
+    p.add_argument("--task", default="cola")
+    p.add_argument("--data-dir", help="GLUE data for the inference timing (default ../shared/glue when present)")
+    p.add_argument("--ranks", default="8,16,32,64")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch for the memory measurement")
+    p.add_argument("--seq-len", type=int, default=128, help="training sequence length for the memory measurement")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=100, help="timed passes over the validation set (default 100)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--output-dir", default="runs/bench")
+
     p = sub.add_parser("predict", help="write GLUE test-set submission files (CoLA.tsv, ...)")
     p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
     p.add_argument("--task", required=True)
@@ -258,6 +274,41 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from kdlora.bench import BenchArgs, run_bench, to_markdown
+
+    def ints(text: str, flag: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",")]
+        except ValueError:
+            raise KdloraError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+    data_dir = args.data_dir
+    if data_dir is None and Path("../shared/glue").is_dir():
+        data_dir = "../shared/glue"
+    bench = BenchArgs(
+        teacher=args.teacher,
+        student=args.student,
+        student_layers=ints(args.student_layers, "--student-layers"),
+        task=args.task,
+        data_dir=data_dir,
+        ranks=ints(args.ranks, "--ranks"),
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        eval_batch_size=args.eval_batch_size,
+        runs=args.runs,
+        warmup=args.warmup,
+        max_eval_samples=args.max_eval_samples,
+        output_dir=args.output_dir,
+        skip_memory=args.skip_memory,
+    )
+    if min(bench.ranks) <= 0 or bench.runs <= 0 or bench.batch_size <= 0 or bench.seq_len <= 0:
+        raise KdloraError("--ranks, --runs, --batch-size and --seq-len must be positive")
+    print(to_markdown(run_bench(bench)))
+    print(f"wrote {Path(args.output_dir) / 'bench.json'} and bench.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -268,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         hub_logging.set_verbosity_error()  # and the hub client's retry chatter when offline: our error says it
         hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no bars for loading and saving
         warnings.filterwarnings("ignore", category=FutureWarning)
-    commands = {"train": _train, "demo": _demo, "evaluate": _evaluate, "predict": _predict}
+    commands = {"train": _train, "demo": _demo, "evaluate": _evaluate, "predict": _predict, "bench": _bench}
     try:
         return commands[args.command](args)
     except KdloraError as exc:

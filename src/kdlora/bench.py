@@ -1,0 +1,300 @@
+"""`kdlora bench`: what each method costs. Parameters per rank, size on disk, peak training memory, inference time.
+
+Methods, as in the paper's Table 2:
+- fft: the teacher, every parameter trained;
+- lora: LoRA on the teacher (query/value) + head;
+- kd-lora: LoRA on the student (--student-layers of the teacher, or --student) + head, trained on cached teacher logits,
+  so its training step holds no teacher.
+The models are built from the checkpoints (untrained heads and zero-initialised LoRA B): costs do not depend on the
+trained values. Peak memory is measured in a fresh child process per method that does only that method's training
+steps; inference is timed over the task's validation set, the arms interleaved run by run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlora.config import LoraArgs
+from kdlora.errors import KdloraError
+from kdlora.models import add_lora, count_parameters, deployed_parameters, keep_layers, load_classifier, merge
+from kdlora.tasks import Task, get_task
+
+METHODS = ("fft", "lora", "kd-lora")
+
+
+@dataclass
+class BenchArgs:
+    teacher: str = "all-MiniLM-L6-v2"  # teacher checkpoint (also the LoRA baseline's base)
+    student: str | None = None  # student checkpoint; None derives it from the teacher with student_layers
+    student_layers: list[int] = field(default_factory=lambda: [0, 2, 4])
+    task: str = "cola"
+    data_dir: str | None = None  # validation data for inference timing; None uses `datasets`
+    ranks: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    batch_size: int = 32  # training batch for the memory measurement
+    seq_len: int = 128  # training sequence length for the memory measurement (every sequence full)
+    train_steps: int = 3  # optimizer steps per memory measurement
+    eval_batch_size: int = 64  # inference batch
+    runs: int = 100  # timed passes over the validation set per arm (the paper's 100)
+    warmup: int = 2  # untimed passes first
+    max_eval_samples: int | None = None
+    max_length: int = 128
+    output_dir: str = "runs/bench"
+    skip_memory: bool = False
+
+
+def build(args: BenchArgs, method: str, rank: int, task: Task) -> tuple[torch.nn.Module, Any]:
+    """The model that `method` trains, at LoRA rank `rank`, with its tokenizer."""
+    torch.manual_seed(0)
+    if method == "kd-lora" and args.student:
+        model, tokenizer = load_classifier(args.student, task)
+    else:
+        model, tokenizer = load_classifier(args.teacher, task)
+        if method == "kd-lora":
+            keep_layers(model, args.student_layers)
+    if method != "fft":
+        model = add_lora(model, LoraArgs(r=rank, lora_alpha=2 * rank, lora_dropout=0.0))
+    return model, tokenizer
+
+
+def merged_size_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the merged model's safetensors weights on disk."""
+    with tempfile.TemporaryDirectory() as d:
+        merge(model).save_pretrained(d)
+        return sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
+
+
+def parameter_rows(args: BenchArgs, task: Task) -> list[dict[str, Any]]:
+    """Trainable, LoRA and deployed parameters per method and rank, and the merged size on disk."""
+    rows, sizes = [], {}
+    for method in METHODS:
+        for rank in [None] if method == "fft" else args.ranks:
+            model, _ = build(args, method, rank or 8, task)
+            counts = count_parameters(model)
+            if method not in sizes:
+                sizes[method] = merged_size_bytes(model)
+            rows.append(
+                {
+                    "method": method,
+                    "rank": rank,
+                    **counts,
+                    "total_params": deployed_parameters(model),
+                    "merged_size_mb": sizes[method] / 2**20,
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Peak training memory, in a fresh process per method
+
+
+def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
+    """Run `args.train_steps` training steps of `method` on full-length random batches; return this process's peak."""
+    task = get_task(args.task)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = build(args, method, rank, task)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.train_steps):
+        ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (args.batch_size, args.seq_len), generator=g)
+        labels = torch.randint(0, task.num_labels, (args.batch_size,), generator=g)
+        logits = model(input_ids=ids.to(device)).logits
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
+        if method == "kd-lora":  # the cached teacher logits are one [B, C] tensor: no teacher in memory
+            from kdlora.losses import distillation_loss
+
+            teacher = torch.randn(args.batch_size, task.num_labels, generator=g).to(device)
+            loss = distillation_loss(logits, teacher, labels.to(device))[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if device.type == "cuda":
+        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda_max_allocated"}
+    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kind": "process_peak_rss"}
+
+
+def measure_in_child(args: BenchArgs, method: str | None, rank: int = 8) -> dict[str, Any]:
+    """Peak memory of a fresh child process that runs only `method`'s training steps (None: imports only)."""
+    payload = json.dumps({"args": asdict(args), "method": method, "rank": rank})
+    code = "import sys; from kdlora.bench import _child; _child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise KdloraError(f"memory measurement for {method} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _child(payload: str) -> None:
+    data = json.loads(payload)
+    args = BenchArgs(**data["args"])
+    if data["method"] is None:  # the baseline: interpreter, torch and transformers imported, nothing built
+        import transformers  # noqa: F401
+
+        result = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kind": "process_peak_rss"}
+    else:
+        result = train_steps(args, data["method"], data["rank"])
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inference
+
+
+def inference_batches(args: BenchArgs, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """The task's validation set (first eval split), tokenised and padded per length-sorted batch."""
+    from kdlora.config import DataArgs
+    from kdlora.data import Collator, TokenizedDataset, eval_batches, load_splits
+
+    task = get_task(args.task)
+    data = DataArgs(
+        task=task.name, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples, max_length=args.max_length
+    )
+    examples = load_splits(data, [task.eval_splits[0]])[task.eval_splits[0]]
+    ds = TokenizedDataset(examples, tokenizer, args.max_length)
+    collate = Collator(tokenizer, task.is_regression)
+    batches = []
+    for idx in eval_batches(ds.lengths, args.eval_batch_size):
+        batch = collate([ds[i] for i in idx])
+        batches.append({k: v for k, v in batch.items() if k not in ("idx", "labels")})
+    return batches
+
+
+@torch.inference_mode()
+def time_passes(
+    models: dict[str, torch.nn.Module], batches: list[dict[str, torch.Tensor]], runs: int, warmup: int
+) -> dict[str, dict[str, float]]:
+    """Seconds per full pass over `batches`, per model: warm-up, then `runs` passes, the models interleaved per run."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for m in models.values():
+        m.to(device).eval()
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + runs):
+        for name, m in models.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for b in batches:
+                m(**b)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: summarize(t) for name, t in times.items()}
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {
+        "median_s": statistics.median(times),
+        "q1_s": q[0],
+        "q3_s": q[2],
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+    }
+
+
+def inference_arms(args: BenchArgs, task: Task) -> tuple[dict[str, torch.nn.Module], Any]:
+    """teacher (fft), teacher + LoRA unmerged, teacher + LoRA merged, KD-LoRA student merged; LoRA at the first rank."""
+    rank = args.ranks[0]
+    teacher, tokenizer = build(args, "fft", rank, task)
+    lora, _ = build(args, "lora", rank, task)
+    lora_merged, _ = build(args, "lora", rank, task)
+    student, _ = build(args, "kd-lora", rank, task)
+    arms = {
+        "teacher_fft": teacher,
+        "teacher_lora_unmerged": lora,
+        "teacher_lora_merged": merge(lora_merged),
+        "student_kdlora_merged": merge(student),
+    }
+    return arms, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_bench(args: BenchArgs) -> dict[str, Any]:
+    task = get_task(args.task)
+    result: dict[str, Any] = {
+        "config": asdict(args),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    result["parameters"] = parameter_rows(args, task)
+    if not args.skip_memory:
+        memory = {m: measure_in_child(args, m, args.ranks[0]) for m in METHODS}
+        memory["baseline_imports"] = measure_in_child(args, None)
+        result["train_memory"] = memory
+    arms, tokenizer = inference_arms(args, task)
+    batches = inference_batches(args, tokenizer)
+    result["inference"] = {
+        "examples": sum(len(b["input_ids"]) for b in batches),
+        "batch_size": args.eval_batch_size,
+        "merged_note": "unmerged = peft LoRA layers in the forward; merged = LoRA folded into the weights",
+        "arms": time_passes(arms, batches, args.runs, args.warmup),
+    }
+    out = Path(args.output_dir)
+    from kdlora.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "bench.json", result)
+    atomic_write_text(out / "bench.md", to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    lines = [
+        f"# kdlora bench: {cfg['teacher']} -> layers {cfg['student_layers']} ({cfg['task']})",
+        "",
+        f"device {result['device']}, {result['torch_threads']} threads, torch {result['torch']}",
+        "",
+        "| method | rank | trainable | LoRA | total (deployed) | merged size (MB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["parameters"]:
+        lines.append(
+            f"| {r['method']} | {r['rank'] or '-'} | {r['trainable_params']:,} | {r['lora_params']:,} | "
+            f"{r['total_params']:,} | {r['merged_size_mb']:.1f} |"
+        )
+    if "train_memory" in result:
+        mem = result["train_memory"]
+        lines += [
+            "",
+            f"Peak training memory, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, rank "
+            f"{cfg['ranks'][0]}, {mem['fft']['kind']} of a fresh process per method:",
+            "",
+            "| method | peak MB |",
+            "|---|---:|",
+        ]
+        lines += [f"| {m} | {mem[m]['peak_mb']:.0f} |" for m in (*METHODS, "baseline_imports")]
+    inf = result["inference"]
+    lines += [
+        "",
+        f"Inference over {inf['examples']} validation examples, batch {inf['batch_size']}, "
+        f"median of {cfg['runs']} passes after {cfg['warmup']} warm-up:",
+        "",
+        "| arm | median s/pass | q1 | q3 | examples/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, t in inf["arms"].items():
+        lines.append(
+            f"| {name} | {t['median_s']:.3f} | {t['q1_s']:.3f} | {t['q3_s']:.3f} | "
+            f"{inf['examples'] / t['median_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
