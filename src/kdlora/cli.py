@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> int:
     from kdlora.config import load_config, read_yaml
-    from kdlora.train import run
+    from kdlora.train import process_state, run
 
     values: dict[str, dict[str, Any]] = {}
     layers = [preset or {}, read_yaml(args.config) if args.config else {}, _overrides(args)]
@@ -159,7 +159,8 @@ def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = 
             values.setdefault(section, {}).update(items or {})
     cfg = load_config(None, values)
     metrics = run(cfg)
-    _print_summary(metrics, Path(cfg.train.output_dir))
+    if process_state().is_main_process:
+        _print_summary(metrics, Path(cfg.train.output_dir))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import platform
 import resource
 import shutil
@@ -45,39 +46,56 @@ from kdlora.teacher import teacher_logits, teacher_model_dir
 # Setup
 
 
-def prepare_output_dir(cfg: RunConfig) -> tuple[Path, bool]:
-    """Make output_dir ready. Returns (dir, resume): resume when it holds a checkpointed unfinished run of this config.
+def check_output_dir(cfg: RunConfig) -> bool:
+    """Whether output_dir holds a checkpointed unfinished run of this config to resume; raise if it may not be used.
 
-    A finished run or foreign files are only replaced with --overwrite. A kd-lora run keeps its teacher/ sub-run: it is
-    reused when its config matches, retrained otherwise.
+    Read-only, so every process of a distributed run reaches the same verdict. A finished run or foreign files are only
+    replaced with --overwrite; an unfinished run with another config too.
     """
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise KdloraError(f"--output-dir {out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not cfg.train.overwrite:
-            if read_run(out) is not None:
-                raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
-            if not (out / "config.yaml").is_file():
+    if out.exists() and any(out.iterdir()) and not cfg.train.overwrite:
+        if read_run(out) is not None:
+            raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
+        if not (out / "config.yaml").is_file():
+            raise KdloraError(f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite")
+        if (out / CHECKPOINT_DIR).is_dir():
+            if _comparable(yaml.safe_load((out / "config.yaml").read_text())) != _comparable(cfg):
                 raise KdloraError(
-                    f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite"
+                    f"{out} holds an unfinished run with another config: rerun it as it was to resume, or --overwrite"
                 )
-            if (out / CHECKPOINT_DIR).is_dir():
-                previous = yaml.safe_load((out / "config.yaml").read_text())
-                if _comparable(previous) != _comparable(cfg):
-                    raise KdloraError(
-                        f"{out} holds an unfinished run with another config: rerun it as it was to resume, "
-                        "or pass --overwrite"
-                    )
-                return out, True
-        for child in out.iterdir():
-            if child.name == "teacher" and cfg.train.method == "kd-lora":
-                continue
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            return True
     if cfg.train.resume:
         raise KdloraError(f"--resume: {out} holds no checkpointed unfinished run to resume")
+    return False
+
+
+def clear_output_dir(cfg: RunConfig) -> None:
+    """Empty output_dir for a new run, keeping a kd-lora run's teacher/ (reused when its config matches)."""
+    out = Path(cfg.train.output_dir)
+    if out.is_dir():
+        for child in out.iterdir():
+            if not (child.name == "teacher" and cfg.train.method == "kd-lora"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    return out, False
+
+
+def distributed_cpu() -> bool:
+    """True in CPU processes started by `accelerate launch`: accelerate then joins them in a gloo process group."""
+    return not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1
+
+
+def process_state() -> Any:
+    from accelerate import PartialState
+
+    return PartialState(cpu=distributed_cpu())
+
+
+def say(message: str) -> None:
+    """Print once, from the main process."""
+    if process_state().is_main_process:
+        print(message, flush=True)
 
 
 def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
@@ -108,10 +126,10 @@ def ensure_teacher(cfg: RunConfig, out: Path) -> Path:
     if (tdir / "config.yaml").is_file():
         same = _comparable(yaml.safe_load((tdir / "config.yaml").read_text())) == _comparable(tcfg)
         if same and read_run(tdir) is not None:
-            print(f"reusing the finished teacher in {tdir}")
+            say(f"reusing the finished teacher in {tdir}")
             return tdir
         tcfg.train.overwrite = not same  # the same teacher, unfinished, resumes from its checkpoint
-    print(f"training the fft teacher ({cfg.model.teacher_model}) into {tdir}")
+    say(f"training the fft teacher ({cfg.model.teacher_model}) into {tdir}")
     run(tcfg)
     return tdir
 
@@ -128,7 +146,8 @@ def build_model(cfg: RunConfig, task: Task, teacher_run: Path | None, out: Path)
         model, tokenizer = load_classifier(source, task, m.trust_remote_code)
         keep_layers(model, m.student_layers)
         base = (out / "student_base").resolve()
-        atomic_write_dir(base, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+        if process_state().is_main_process:
+            atomic_write_dir(base, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
         model.name_or_path = model.config._name_or_path = str(base)  # so the adapter points at a base that exists
     else:
         model, tokenizer = load_classifier(m.name, task, m.trust_remote_code)
@@ -199,7 +218,12 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task,
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run `kdlora train`: prepare the output directory, get a teacher when distilling, train, save. Returns metrics."""
-    out, resume = prepare_output_dir(cfg)
+    state, out = process_state(), Path(cfg.train.output_dir)
+    resume = check_output_dir(cfg)
+    state.wait_for_everyone()  # all processes have looked before the main one changes anything
+    if state.is_main_process and not resume:
+        clear_output_dir(cfg)
+    state.wait_for_everyone()
     teacher_run = None
     if cfg.train.method == "kd-lora":
         teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg, out)
@@ -217,7 +241,9 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
     tc, task = cfg.train, get_task(cfg.data.task)
     # accelerate keeps one global state; forget the previous run's precision (the process group is kept).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum_steps, cpu=distributed_cpu()
+    )
     quiet = tc.quiet or not accelerator.is_main_process
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
@@ -227,16 +253,17 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
     cached, t_logits_seconds = None, 0.0
     if teacher_run is not None:
         t0 = time.perf_counter()
-        logits, cached = teacher_logits(
-            teacher_run,
-            splits["train"],
-            task,
-            cfg.data.max_length,
-            batch_size=tc.eval_batch_size,
-            device=accelerator.device,
-            quiet=quiet,
-            recompute=not cfg.kd.no_recompute,
-        )
+        with accelerator.main_process_first():  # the main process computes and caches, the others read the cache
+            logits, cached = teacher_logits(
+                teacher_run,
+                splits["train"],
+                task,
+                cfg.data.max_length,
+                batch_size=tc.eval_batch_size,
+                device=accelerator.device,
+                quiet=quiet,
+                recompute=not cfg.kd.no_recompute,
+            )
         t_logits_seconds = time.perf_counter() - t0
     set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
     model, tokenizer = build_model(cfg, task, teacher_run, out)
@@ -285,7 +312,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
                 p.copy_(ckpt.trainable[n])
         optimizer.load_state_dict(ckpt.state["optimizer"])
         scheduler.load_state_dict(ckpt.state["scheduler"])
-        print(f"resuming {out} at epoch {progress.epoch + 1}, batch {progress.batches_done}")
+        say(f"resuming {out} at epoch {progress.epoch + 1}, batch {progress.batches_done}")
 
     def checkpoint() -> None:
         progress.train_seconds = seconds_before + time.perf_counter() - start
@@ -300,6 +327,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
         model.train()
         skip = progress.batches_done if epoch == progress.epoch else 0
         # accelerate's loader hands its own epoch counter to the sampler, so set it: a resumed run starts mid-count.
+        sampler.set_epoch(epoch)  # directly too: with several processes accelerate's wrapper does not pass it on
         train_loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         batches.set_epoch(epoch)
@@ -336,7 +364,8 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
             acc.append(torch.stack([loss.detach(), hard.detach(), soft.detach()]))
             progress.batches_done += 1
             if accelerator.sync_gradients:
-                for key, value in zip(history, torch.stack(acc).mean(0).tolist(), strict=True):
+                step_loss = accelerator.reduce(torch.stack(acc).mean(0), reduction="mean")  # over processes
+                for key, value in zip(history, step_loss.tolist(), strict=True):
                     history[key].append(value)
                 acc = []
                 bar.update(1)
