@@ -125,7 +125,20 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
         optimizer.zero_grad()
     if device.type == "cuda":
         return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda_max_allocated"}
-    return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kind": "process_peak_rss"}
+    return {"peak_mb": peak_rss_mb(), "kind": "process_peak_rss"}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image since its exec, whereas
+    ru_maxrss also carries the parent's size at fork: a child of a large parent would report the parent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_in_child(args: BenchArgs, method: str | None, rank: int = 8) -> dict[str, Any]:
@@ -144,7 +157,7 @@ def _child(payload: str) -> None:
     if data["method"] is None:  # the baseline: interpreter, torch and transformers imported, nothing built
         import transformers  # noqa: F401
 
-        result = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kind": "process_peak_rss"}
+        result = {"peak_mb": peak_rss_mb(), "kind": "process_peak_rss"}
     else:
         result = train_steps(args, data["method"], data["rank"])
     print(json.dumps(result))

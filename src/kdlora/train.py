@@ -12,7 +12,6 @@ import copy
 import math
 import os
 import platform
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -170,7 +169,9 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the peak RSS of this process on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from kdlora.bench import peak_rss_mb
+
+    return peak_rss_mb()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
