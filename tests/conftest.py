@@ -98,6 +98,11 @@ def write_glue(root: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) ->
     return root
 
 
+def train_argv(glue: Path, out: Path, *extra: str) -> list[str]:
+    """`kdlora train` arguments for a lora run on CoLA from the fixtures; `extra` adds or overrides flags."""
+    return ["train", "--method", "lora", "--task", "cola", "--data-dir", str(glue), "--output-dir", str(out), *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_glue(tmp_path_factory) -> Path:
     return write_glue(tmp_path_factory.mktemp("glue"))

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import train_argv
 
 from kdlora.cli import main
 from kdlora.errors import KdloraError
@@ -154,26 +155,8 @@ def test_finished_run_is_not_overwritten_silently(fft_run, tiny_bert_dir, tiny_g
 
 
 def test_errors_are_one_line_with_exit_2(tmp_path, tiny_glue):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kdlora",
-            "train",
-            "--method",
-            "lora",
-            "--task",
-            "cola",
-            "--model",
-            str(tmp_path / "nope"),
-            "--data-dir",
-            str(tiny_glue),
-            "--output-dir",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    argv = train_argv(tiny_glue, tmp_path / "out", "--model", str(tmp_path / "nope"))
+    proc = subprocess.run([sys.executable, "-m", "kdlora", *argv], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"kdlora: error: model path {tmp_path / 'nope'} does not exist"]
 

@@ -4,6 +4,7 @@ import errno
 import json
 
 import pytest
+from conftest import train_argv
 
 from kdlora.cli import main
 
@@ -108,20 +109,7 @@ def test_bad_input_gives_one_line_and_exit_2(
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_glue, capsys):
-    code = main(
-        [
-            "--debug",
-            "train",
-            "--method",
-            "lora",
-            "--model",
-            str(tmp_path / "nope"),
-            "--data-dir",
-            str(tiny_glue),
-            "--output-dir",
-            str(tmp_path / "out"),
-        ]
-    )
+    code = main(["--debug", *train_argv(tiny_glue, tmp_path / "out", "--model", str(tmp_path / "nope"))])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("kdlora: error:")
 
@@ -134,24 +122,7 @@ def test_disk_full_while_writing_leaves_no_finished_run(tmp_path, tiny_bert_dir,
 
     monkeypatch.setattr(kdlora.io.os, "fsync", full)
     out = tmp_path / "out"
-    code = main(
-        [
-            "train",
-            "--method",
-            "lora",
-            "--task",
-            "cola",
-            "--model",
-            str(tiny_bert_dir),
-            "--data-dir",
-            str(tiny_glue),
-            "--epochs",
-            "1",
-            "--quiet",
-            "--output-dir",
-            str(out),
-        ]
-    )
+    code = main(train_argv(tiny_glue, out, "--model", str(tiny_bert_dir), "--epochs", "1", "--quiet"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no space left on device while writing" in err[0]
     assert not (out / "metrics.json").exists()

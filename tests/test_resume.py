@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import write_glue
+from conftest import train_argv, write_glue
 
 from kdlora.cli import main
 
@@ -19,28 +19,8 @@ def glue(tmp_path_factory):
 
 
 def _cmd(glue, model, out, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "kdlora",
-        "train",
-        "--method",
-        "lora",
-        "--task",
-        "cola",
-        "--model",
-        str(model),
-        "--data-dir",
-        str(glue),
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--quiet",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
+    argv = train_argv(glue, out, "--model", str(model), "--epochs", "3", "--batch-size", "8", "--quiet", *extra)
+    return [sys.executable, "-m", "kdlora", *argv]
 
 
 def _progress(out):
