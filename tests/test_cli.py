@@ -13,21 +13,7 @@ from kdlora.errors import KdloraError
 
 
 def _train(tmp, glue, *extra, task="cola"):
-    args = [
-        "train",
-        "--task",
-        task,
-        "--data-dir",
-        str(glue),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--quiet",
-        "--output-dir",
-        str(tmp),
-        *extra,
-    ]
+    args = train_argv(glue, tmp, "--task", task, "--epochs", "2", "--batch-size", "16", "--quiet", *extra)
     assert main(args) == 0
     return json.loads((tmp / "metrics.json").read_text())
 

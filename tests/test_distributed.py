@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import train_argv
 
 LAUNCH = [
     sys.executable,
@@ -26,21 +27,7 @@ LAUNCH = [
 
 
 def _launch(tmp_path, glue, out, *args):
-    cmd = [
-        *LAUNCH,
-        "--task",
-        "cola",
-        "--data-dir",
-        str(glue),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "16",
-        "--quiet",
-        "--output-dir",
-        str(out),
-        *args,
-    ]
+    cmd = [*LAUNCH, *train_argv(glue, out, "--epochs", "2", "--batch-size", "16", "--quiet", *args)[1:]]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("artefacts:") == 1  # only the main process reports
