@@ -141,6 +141,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS count afresh from its current RSS (Linux; elsewhere a no-op), so that a peak
+    read later covers only what ran since: e.g. a training loop, not the teacher-logit pass before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def measure_in_child(args: BenchArgs, method: str | None, rank: int = 8) -> dict[str, Any]:
     """Peak memory of a fresh child process that runs only `method`'s training steps (None: imports only)."""
     payload = json.dumps({"args": asdict(args), "method": method, "rank": rank})
@@ -188,20 +198,25 @@ def inference_batches(args: BenchArgs, tokenizer: Any) -> list[dict[str, torch.T
 
 @torch.inference_mode()
 def time_passes(
-    models: dict[str, torch.nn.Module], batches: list[dict[str, torch.Tensor]], runs: int, warmup: int
+    models: dict[str, torch.nn.Module],
+    batches: list[dict[str, torch.Tensor]] | dict[str, list[dict[str, torch.Tensor]]],
+    runs: int,
+    warmup: int,
 ) -> dict[str, dict[str, float]]:
-    """Seconds per full pass over `batches`, per model: warm-up, then `runs` passes, the models interleaved per run."""
+    """Seconds per full pass over `batches` (one list for all, or one per model, e.g. when tokenizers differ), per
+    model: warm-up, then `runs` passes, the models interleaved run by run so that drift hits them alike."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in models.values():
         m.to(device).eval()
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    per_model = batches if isinstance(batches, dict) else {name: batches for name in models}
+    per_model = {name: [{k: v.to(device) for k, v in b.items()} for b in bs] for name, bs in per_model.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(warmup + runs):
         for name, m in models.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            for b in batches:
+            for b in per_model[name]:
                 m(**b)
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""Command line: `kdlora train | demo | evaluate | predict` (also `python -m kdlora`)."""
+"""Command line: `kdlora train|demo|evaluate|predict|bench|compare|sweep|report`, also as `python -m kdlora`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,24 @@ BOOL_FLAGS: dict[str, tuple[str, str, str]] = {
     ),
     "--quiet": ("train", "quiet", "no progress bars"),
     "--trust-remote-code": ("model", "trust_remote_code", "let model repositories run their own code"),
+}
+
+# compare: flags that set one config value for every arm.
+COMPARE_COMMON_FLAGS = {
+    f: TRAIN_FLAGS[f]
+    for f in (
+        "--epochs",
+        "--batch-size",
+        "--max-train-samples",
+        "--max-eval-samples",
+        "--max-length",
+        "--rank",
+        "--lora-alpha",
+        "--alpha",
+        "--temperature",
+        "--mixed-precision",
+        "--save-steps",
+    )
 }
 
 # The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student.
@@ -137,6 +155,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-eval-samples", type=int)
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--output-dir", default="runs/bench")
+
+    p = sub.add_parser(
+        "compare",
+        help="the paper's three arms (fft teacher, lora, kd-lora) on the same splits and seeds, with a report",
+        description="Per task and seed: the fft teacher, LoRA on the teacher's model, KD-LoRA on the student "
+        "distilled from that teacher. Finished arms with the same config are reused; a killed compare resumes.",
+    )
+    p.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. cola,mrpc,stsb,rte,wnli")
+    p.add_argument("--seeds", default="42", help="comma-separated seeds; the table gives mean ± std (default 42)")
+    p.add_argument("--teacher-model", required=True, help="model of the fft arm, base of the lora arm, the teacher")
+    p.add_argument("--student-layers", help="kd-lora student: these encoder layers of the teacher, e.g. 0,2,4")
+    p.add_argument("--student-model", help="kd-lora student: this checkpoint instead")
+    p.add_argument("--student-init", help="pretrained | teacher: take --student-layers from which checkpoint")
+    p.add_argument("--data-dir", help="GLUE TSV directory, e.g. ../shared/glue")
+    p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--config", help="YAML: `common:` sections for every arm, then `fft:`, `lora:`, `kd-lora:` sections")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ARM.SECTION.KEY=VALUE",
+        help="one setting of one arm (or 'common'), e.g. --set kd-lora.train.lr=2e-3; repeatable",
+    )
+    for flag, (_, _, help_text) in COMPARE_COMMON_FLAGS.items():
+        p.add_argument(flag, help=f"{help_text} (every arm)")
+    p.add_argument("--inference-runs", type=int, default=10, help="timed passes over the validation set per arm")
+    p.add_argument("--overwrite", action="store_true", help="retrain finished arms whose config changed")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of configs for one method and task on Optuna (paper grids or YAML), resumable, shareable",
+        description="The train flags give the base config; --grid the points tried on top of it. The study lives in "
+        "OUTPUT/study.db unless --storage names a database that several workers share.",
+    )
+    _add_train_flags(p)
+    p.add_argument("--grid", default="paper", help="'paper' (the paper's grid for --method) or a YAML grid file")
+    p.add_argument("--storage", help="SQLAlchemy URL of the study, e.g. postgresql://user@host/db (default SQLite)")
+    p.add_argument("--study-name", help="default: kdlora-<task>-<method>")
+    p.add_argument("--top-k", type=int, default=6, help="summarise by the median of the top k configs (default 6)")
+    p.add_argument("--max-trials", type=int, help="this worker stops after N trials")
+
+    p = sub.add_parser("report", help="Table 1, Table 2, Figure 2 and CSVs from finished run directories")
+    p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
+    p.add_argument("--top-k", type=int, default=6, help="configs in the median when a task and method has several")
+    p.add_argument("--task", help="task of Table 2 and Figure 2 (default cola when present)")
+    p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="write GLUE test-set submission files (CoLA.tsv, ...)")
     p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
@@ -276,14 +341,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise KdloraError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     from kdlora.bench import BenchArgs, run_bench, to_markdown
-
-    def ints(text: str, flag: str) -> list[int]:
-        try:
-            return [int(x) for x in text.split(",")]
-        except ValueError:
-            raise KdloraError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
     data_dir = args.data_dir
     if data_dir is None and Path("../shared/glue").is_dir():
@@ -311,6 +377,101 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from kdlora.compare import ARMS, CompareArgs, run_compare
+    from kdlora.config import read_yaml
+
+    raw = read_yaml(args.config) if args.config else {}
+
+    def sections(value: Any, where: str) -> dict[str, dict[str, Any]]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(v, dict) or v is None for v in value.values()):
+            raise KdloraError(f"{args.config}: '{where}' must map sections (model, data, lora, kd, train) to mappings")
+        return {k: dict(v or {}) for k, v in value.items()}
+
+    common = {k: dict(v or {}) for k, v in raw.items() if k not in (*ARMS, "common")}
+    for section, items in sections(raw.get("common"), "common").items():
+        common.setdefault(section, {}).update(items)
+    arms = {arm: sections(raw.get(arm), arm) for arm in ARMS}
+    if args.data_dir:
+        common.setdefault("data", {})["data_dir"] = args.data_dir
+    # Flags win over the YAML file, the arms' own sections included; --set wins over both.
+    settings = []
+    for flag, (section, key, _) in COMPARE_COMMON_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            settings.append(("common", section, key, value))
+    if args.student_init:
+        settings.append(("kd-lora", "model", "student_init", args.student_init))
+    for item in args.set:
+        target, sep, value = item.partition("=")
+        parts = target.split(".")
+        if not sep or len(parts) != 3 or parts[0] not in (*ARMS, "common"):
+            raise KdloraError(
+                f"--set {item!r}: expected ARM.SECTION.KEY=VALUE with ARM one of common, {', '.join(ARMS)}"
+            )
+        settings.append((parts[0], parts[1], parts[2], value))
+    for arm, section, key, value in settings:
+        for layer in (common, *arms.values()) if arm == "common" else (arms[arm],):
+            layer.setdefault(section, {})[key] = value
+    compare = CompareArgs(
+        tasks=args.tasks.split(","),
+        teacher_model=args.teacher_model,
+        student_model=args.student_model,
+        student_layers=ints(args.student_layers, "--student-layers") if args.student_layers else None,
+        seeds=ints(args.seeds, "--seeds"),
+        output_dir=args.output_dir,
+        common=common,
+        arms=arms,
+        inference_runs=args.inference_runs,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+    )
+    run_compare(compare)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from kdlora.config import read_yaml
+    from kdlora.sweep import SweepArgs, run_sweep
+
+    values: dict[str, dict[str, Any]] = {}
+    for layer in (read_yaml(args.config) if args.config else {}, _overrides(args)):
+        for section, items in layer.items():
+            values.setdefault(section, {}).update(items or {})
+    sweep = SweepArgs(
+        base=values,
+        grid=args.grid,
+        storage=args.storage,
+        study_name=args.study_name,
+        top_k=args.top_k,
+        max_trials=args.max_trials,
+    )
+    run_sweep(sweep)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kdlora.report import write_report
+
+    if args.top_k <= 0:
+        raise KdloraError(f"--top-k must be > 0, got {args.top_k}")
+    write_report(Path(args.runs_dir), top_k=args.top_k, task=args.task, quiet=args.quiet)
+    return 0
+
+
+def _fail(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr; or, in a child run by `kdlora compare`, into the file it named, for it to report."""
+    if args.debug:
+        traceback.print_exc()
+    error_file = os.environ.get("KDLORA_ERROR_FILE")
+    if error_file:
+        Path(error_file).write_text(message + "\n")
+    else:
+        print(f"kdlora: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -321,20 +482,25 @@ def main(argv: list[str] | None = None) -> int:
         hub_logging.set_verbosity_error()  # and the hub client's retry chatter when offline: our error says it
         hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no bars for loading and saving
         warnings.filterwarnings("ignore", category=FutureWarning)
-    commands = {"train": _train, "demo": _demo, "evaluate": _evaluate, "predict": _predict, "bench": _bench}
+    commands = {
+        "train": _train,
+        "demo": _demo,
+        "evaluate": _evaluate,
+        "predict": _predict,
+        "bench": _bench,
+        "compare": _compare,
+        "sweep": _sweep,
+        "report": _report,
+    }
     try:
         return commands[args.command](args)
     except KdloraError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"kdlora: error: {exc}", file=sys.stderr)
+        _fail(args, str(exc))
         return 2
     except OSError as exc:  # disk full, permissions, ...: say what and where, never leave it looking finished
-        if args.debug:
-            traceback.print_exc()
         reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         where = f" while writing {exc.filename}" if exc.filename else ""
-        print(f"kdlora: error: {reason}{where}; the run was not marked finished", file=sys.stderr)
+        _fail(args, f"{reason}{where}; the run was not marked finished")
         return 2
     except KeyboardInterrupt:
         print("kdlora: interrupted; the run is unfinished (no metrics.json was written)", file=sys.stderr)

@@ -165,6 +165,15 @@ def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.
     )
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        from kdlora.bench import reset_peak_rss
+
+        reset_peak_rss()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the peak RSS of this process on CPU."""
     if device.type == "cuda":
@@ -297,8 +306,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in eval_loaders.items()}
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    reset_peak_memory(accelerator.device)  # the peak covers training only: not a teacher trained or run before it
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ckpt = load_checkpoint(out) if resume else None
@@ -403,7 +411,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
         "total_params": total_params,
         "train_seconds": train_seconds,
         "peak_memory_mb": peak_mb,
-        # On CPU this is the whole process's peak RSS, so it includes an fft teacher trained by the same command.
+        # On CPU: the process's peak RSS from the start of training (data, model, optimizer and activations).
         "peak_memory_kind": "cuda_max_allocated" if accelerator.device.type == "cuda" else "process_peak_rss",
         "num_train_examples": len(train_ds),
         "num_eval_examples": {s: len(loader.dataset) for s, loader in eval_loaders.items()},
@@ -424,6 +432,7 @@ def train(cfg: RunConfig, out: Path, teacher_run: Path | None = None, resume: bo
         )
     if accelerator.is_main_process:
         save_outputs(accelerator.unwrap_model(model), tokenizer, out, tc.method)
+        metrics["merged_mb"] = sum(f.stat().st_size for f in (out / "merged").glob("*.safetensors")) / 2**20
         atomic_write_json(out / "metrics.json", metrics)  # written last: its presence marks the run finished
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # a finished run needs no checkpoint
     accelerator.wait_for_everyone()

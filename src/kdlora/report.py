@@ -1,0 +1,552 @@
+"""`kdlora report RUNS_DIR`: Table 1, Table 2 and Figure 2 of the paper from finished run directories.
+
+Every directory under RUNS_DIR with a config.yaml is a run, whatever command made it (train, demo, compare, sweep).
+Runs count only when their metrics.json says finished; the others are listed as unfinished. Runs of one task and
+method with the same config but for the seed are seeds of one config (mean ± std); several configs of one task and
+method (a sweep) are summarised as the paper does, by the median of the top-k config scores.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlora.errors import KdloraError
+from kdlora.io import atomic_write_text, read_run
+
+METHODS = ("fft", "lora", "kd-lora")
+RANKS = (8, 16, 32, 64)
+# Config settings that do not make a different config: where it is written, how it is run, which seed, and the
+# teacher's run directory (a KD-LoRA run of seed s distils from the FFT run of seed s).
+_NOT_CONFIG = {
+    "train": ("output_dir", "overwrite", "quiet", "resume", "save_steps", "seed"),
+    "kd": ("no_recompute",),
+    "model": ("teacher",),
+}
+
+
+@dataclass
+class Run:
+    path: Path
+    task: str
+    method: str
+    seed: int
+    score: float
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    key: str  # the config without seed and paths: runs with the same key are seeds of one config
+
+    @property
+    def inference(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "inference.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def merged_mb(self) -> float | None:
+        """Size of the merged model's weights: as the run recorded it, else as found on disk."""
+        if self.metrics.get("merged_mb") is not None:
+            return float(self.metrics["merged_mb"])
+        files = list((self.path / "merged").glob("*.safetensors"))
+        return sum(f.stat().st_size for f in files) / 2**20 if files else None
+
+
+def config_key(config: dict[str, Any]) -> str:
+    cfg = json.loads(json.dumps(config))
+    for section, keys in _NOT_CONFIG.items():
+        for k in keys:
+            cfg.get(section, {}).pop(k, None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
+    """Finished runs and unfinished run directories under `root` (a run directory itself counts too)."""
+    if not root.is_dir():
+        raise KdloraError(f"{root} is not a directory")
+    finished, unfinished = [], []
+    for cfg_path in sorted(root.rglob("config.yaml")):
+        run_dir = cfg_path.parent
+        if any(part.startswith(".") or part == "checkpoint" for part in run_dir.relative_to(root).parts):
+            continue  # temporary directories of atomic writes, checkpoints
+        metrics = read_run(run_dir)
+        try:
+            config = yaml.safe_load(cfg_path.read_text())
+            method = config["train"]["method"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue  # not a kdlora run's config
+        if metrics is None:
+            unfinished.append(run_dir)
+            continue
+        finished.append(
+            Run(
+                path=run_dir,
+                task=metrics["task"],
+                method=method,
+                seed=config["train"]["seed"],
+                score=float(metrics["score"]),
+                metrics=metrics,
+                config=config,
+                key=config_key(config),
+            )
+        )
+    return finished, unfinished
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def median_top_k(scores: Sequence[float], k: int = 6) -> float:
+    """The median of the k best scores (all of them when there are fewer): the paper's summary of a sweep."""
+    if not scores:
+        raise ValueError("no scores")
+    if k <= 0:
+        raise ValueError(f"k must be > 0, got {k}")
+    return statistics.median(sorted(scores, reverse=True)[:k])
+
+
+@dataclass
+class Cell:
+    """One task and method: mean ± std over the seeds of one config, or the median of the top-k configs."""
+
+    value: float
+    std: float | None
+    n: int
+    how: str
+    seeds: dict[int, float] = field(default_factory=dict)  # per-seed scores of a single config
+    runs: list[Run] = field(default_factory=list)  # the runs behind the value (the top-k configs' for a sweep)
+
+    def text(self) -> str:
+        return f"{self.value:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.value:.2f}"
+
+
+def aggregate(runs: list[Run], top_k: int = 6) -> Cell:
+    configs: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        configs[r.key].append(r)
+    if len(configs) == 1:
+        group = sorted(runs, key=lambda r: r.seed)
+        scores = [r.score for r in group]
+        std = statistics.stdev(scores) if len(scores) > 1 else None
+        how = f"{len(scores)} seed{'s' * (len(scores) > 1)}"
+        return Cell(statistics.mean(scores), std, len(scores), how, {r.seed: r.score for r in group}, group)
+    means = sorted(((statistics.mean(r.score for r in g), g) for g in configs.values()), key=lambda x: -x[0])
+    top = means[:top_k]
+    how = f"median of top {len(top)} of {len(means)} configs"
+    value = median_top_k([m for m, _ in means], top_k)
+    return Cell(value, None, len(runs), how, {}, [r for _, g in top for r in g])
+
+
+def table_cells(runs: list[Run], top_k: int) -> dict[tuple[str, str], Cell]:
+    by: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r in runs:
+        by[r.task, r.method].append(r)
+    return {key: aggregate(group, top_k) for key, group in by.items()}
+
+
+def _pct(a: float, b: float | None) -> float | None:
+    return 100 * a / b if b else None
+
+
+def _methods(cells: dict[tuple[str, str], Cell]) -> list[str]:
+    present = {m for _, m in cells}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def averages(cells: dict[tuple[str, str], Cell]) -> tuple[list[str], dict[str, Cell]]:
+    """The GLUE average per method over the tasks that every method has; std over seeds where every task has them."""
+    methods = _methods(cells)
+    tasks = sorted({t for t, _ in cells})
+    common = [t for t in tasks if all((t, m) in cells for m in methods)]
+    result = {}
+    for m in methods:
+        if not common:
+            continue
+        row = [cells[t, m] for t in common]
+        seeds = set.intersection(*(set(c.seeds) for c in row)) if all(c.seeds for c in row) else set()
+        per_seed = [statistics.mean(c.seeds[s] for c in row) for s in sorted(seeds)]
+        std = statistics.stdev(per_seed) if len(per_seed) > 1 else None
+        result[m] = Cell(statistics.mean(c.value for c in row), std, len(common), f"{len(common)} tasks")
+    return common, result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameters at ranks, counted on the real peft-wrapped models built from the runs' configs (meta tensors: no weights)
+
+
+def rank_counts(run: Run, ranks: Sequence[int] = RANKS) -> list[dict[str, Any]]:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from kdlora.config import LoraArgs
+    from kdlora.models import add_lora, count_parameters, deployed_parameters
+
+    config = AutoConfig.from_pretrained(run.path / "merged")
+    rows = []
+    for rank in [None] if run.method == "fft" else ranks:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config)
+            if rank is not None:
+                targets = run.config.get("lora", {}).get("target_modules")
+                model = add_lora(model, LoraArgs(r=rank, lora_alpha=2 * rank, target_modules=targets))
+            rows.append(
+                {
+                    "method": run.method,
+                    "rank": rank,
+                    **count_parameters(model),
+                    "total_params": deployed_parameters(model),
+                }
+            )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _md(header: list[str], rows: list[list[Any]]) -> list[str]:
+    right = ["---:" if i else "---" for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(right) + "|"] + [
+        "| " + " | ".join("-" if v is None else str(v) for v in row) + " |" for row in rows
+    ]
+
+
+def _f(value: float | None, fmt: str = ".1f") -> str | None:
+    return None if value is None else format(value, fmt)
+
+
+def _median(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def arm_rows(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
+    """One row per task and method: score, % of FFT and LoRA, parameters, size, memory, inference (medians of runs)."""
+    rows = []
+    for task in sorted({t for t, _ in cells}):
+        for m in _methods(cells):
+            if (task, m) not in cells:
+                continue
+            c, runs = cells[task, m], cells[task, m].runs
+            fft, lora = cells.get((task, "fft")), cells.get((task, "lora"))
+            inference = [r.inference for r in runs]
+            rows.append(
+                {
+                    "task": task,
+                    "method": m,
+                    "score": c.value,
+                    "std": c.std,
+                    "n": c.n,
+                    "how": c.how,
+                    "pct_of_fft": _pct(c.value, fft.value if fft else None),
+                    "pct_of_lora": _pct(c.value, lora.value if lora else None),
+                    "trainable_params": _median([r.metrics.get("trainable_params") for r in runs]),
+                    "total_params": _median([r.metrics.get("total_params") for r in runs]),
+                    "merged_mb": _median([r.merged_mb for r in runs]),
+                    "peak_train_memory_mb": _median([r.metrics.get("peak_memory_mb") for r in runs]),
+                    "memory_kind": runs[0].metrics.get("peak_memory_kind"),
+                    "inference_s": _median([i["median_s"] for i in inference if i]),
+                    "train_seconds": _median([r.metrics.get("train_seconds") for r in runs]),
+                }
+            )
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def table1_md(cells: dict[tuple[str, str], Cell]) -> list[str]:
+    tasks = sorted({t for t, _ in cells})
+    common, avg = averages(cells)
+    header = ["method", *tasks, "average", "% of FFT", "% of LoRA"]
+    rows = []
+    for m in _methods(cells):
+        a = avg.get(m)
+        row = [m, *[cells[t, m].text() if (t, m) in cells else None for t in tasks], a.text() if a else None]
+        row += [_f(_pct(a.value, avg[ref].value) if a and ref in avg else None) for ref in ("fft", "lora")]
+        rows.append(row)
+    note = f"Average over {', '.join(common)}." if common else "No task has every method: no average."
+    return _md(header, rows) + ["", note]
+
+
+def arms_md(rows: list[dict[str, Any]]) -> list[str]:
+    header = ["task", "method", "score", "% FFT", "% LoRA", "trainable", "total", "merged MB", "train MB", "infer s"]
+    body = [
+        [
+            r["task"],
+            r["method"],
+            f"{r['score']:.2f}" + (f" ± {r['std']:.2f}" if r["std"] is not None else "") + f" ({r['how']})",
+            _f(r["pct_of_fft"]),
+            _f(r["pct_of_lora"]),
+            f"{r['trainable_params']:,.0f}" if r["trainable_params"] is not None else None,
+            f"{r['total_params']:,.0f}" if r["total_params"] is not None else None,
+            _f(r["merged_mb"]),
+            _f(r["peak_train_memory_mb"], ".0f"),
+            _f(r["inference_s"], ".3f"),
+        ]
+        for r in rows
+    ]
+    return _md(header, body)
+
+
+def table2(cells: dict[tuple[str, str], Cell], task: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Trainable parameters at ranks 8/16/32/64 per method, plus size, memory and inference on `task`."""
+    rows, lines = [], []
+    arms = {r["method"]: r for r in arm_rows(cells) if r["task"] == task}
+    fft_time = arms.get("fft", {}).get("inference_s")
+    for m in _methods(cells):
+        if (task, m) not in cells:
+            continue
+        run = cells[task, m].runs[0]
+        arm = arms[m]
+        for counts in rank_counts(run):
+            rows.append(
+                {
+                    **counts,
+                    "task": task,
+                    "merged_mb": arm["merged_mb"],
+                    "peak_train_memory_mb": arm["peak_train_memory_mb"],
+                    "inference_s": arm["inference_s"],
+                    "inference_speedup_vs_fft": fft_time / arm["inference_s"]
+                    if fft_time and arm["inference_s"]
+                    else None,
+                }
+            )
+    header = ["method", *[f"r={r}" for r in RANKS], "deployed params", "merged MB", "train MB", "infer s", "speed-up"]
+    body = []
+    for m in _methods(cells):
+        mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
+        by_rank = {r["rank"]: r for r in mine}
+        counts = [
+            f"{by_rank[None]['trainable_params']:,}"
+            if None in by_rank
+            else (f"{by_rank[k]['trainable_params']:,} ({by_rank[k]['lora_params']:,})" if k in by_rank else None)
+            for k in RANKS
+        ]
+        first = mine[0]
+        body.append(
+            [
+                m,
+                *counts,
+                f"{first['total_params']:,}",
+                _f(first["merged_mb"]),
+                _f(first["peak_train_memory_mb"], ".0f"),
+                _f(first["inference_s"], ".3f"),
+                _f(first["inference_speedup_vs_fft"], ".2f"),
+            ]
+        )
+    lines = _md(header, body)
+    return rows, lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
+    """Training loss against optimizer step for each method on `task` (the best run of each; smoothed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in _methods(cells):
+        if (task, m) not in cells:
+            continue
+        run = max(cells[task, m].runs, key=lambda r: r.score)
+        loss = run.metrics.get("train_loss") or []
+        window = max(1, len(loss) // 25)
+        (line,) = ax.plot(_smooth(loss, window), label=f"{m} (seed {run.seed})", lw=1.6)
+        ax.plot(loss, color=line.get_color(), alpha=0.15, lw=0.6)
+        if m == "kd-lora" and run.metrics.get("train_loss_task"):
+            ax.plot(
+                _smooth(run.metrics["train_loss_task"], window),
+                color=line.get_color(),
+                ls="--",
+                lw=1.2,
+                label="kd-lora, task loss only",
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Training loss on {task} (moving average; raw steps faint)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def score_vs_params(cells: dict[tuple[str, str], Cell], path: Path) -> None:
+    """Score against trainable parameters: one point per task and method, the GLUE average as a large marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, avg = averages(cells)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in _methods(cells):
+        pts = [
+            (statistics.median(r.metrics["trainable_params"] for r in c.runs), c.value, t)
+            for (t, mm), c in cells.items()
+            if mm == m
+        ]
+        if not pts:
+            continue
+        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], alpha=0.5, label=m)
+        for x, y, t in pts:
+            ax.annotate(t, (x, y), fontsize=7, alpha=0.7, xytext=(3, 2), textcoords="offset points")
+        if m in avg:
+            x = statistics.median(p[0] for p in pts)
+            ax.scatter([x], [avg[m].value], s=160, marker="*", color=sc.get_facecolor()[0], edgecolor="black")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("score (0-100); star: average over tasks")
+    ax.set_title("Score against trainable parameters")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    from kdlora.io import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_report(root: Path, top_k: int = 6, task: str | None = None, quiet: bool = False) -> Path:
+    """Write report.md, table1.csv, arms.csv, table2.csv, runs.csv and the figures into `root`. Returns report.md."""
+    runs, unfinished = find_runs(root)
+    if not runs:
+        raise KdloraError(
+            f"no finished kdlora runs under {root}" + (f" ({len(unfinished)} unfinished)" * bool(unfinished))
+        )
+    cells = table_cells(runs, top_k)
+    tasks = sorted({r.task for r in runs})
+    task = task or ("cola" if "cola" in tasks else tasks[0])
+    if task not in tasks:
+        raise KdloraError(f"--task {task}: no finished runs of it under {root} (tasks: {', '.join(tasks)})")
+    arms = arm_rows(cells)
+    t2_rows, t2_md = table2(cells, task)
+    figure2(cells, task, root / "figure2.png")
+    score_vs_params(cells, root / "score_vs_params.png")
+    _, avg = averages(cells)
+
+    lines = [
+        f"# kdlora report: {root}",
+        "",
+        f"{len(runs)} finished runs, {len(unfinished)} unfinished. Scores are on the 0-100 scale of each task's GLUE "
+        "metric (dev set, best epoch). One config over seeds: mean ± std (sample std). Several configs: the median "
+        f"of the top {top_k} config scores, as in the paper.",
+        "",
+        "## Table 1: scores",
+        "",
+        *table1_md(cells),
+        "",
+        "## Every arm",
+        "",
+        "trainable = LoRA matrices + head (classifier, and pooler / pre_classifier where the model has one), or every "
+        "parameter for fft; total = parameters of the deployed model (LoRA merged); merged MB = its safetensors on "
+        "disk; train MB = peak training memory (" + (arms[0]["memory_kind"] or "?") + "); infer s = one pass over "
+        "the validation set with the merged model (median of the timed passes in inference.json).",
+        "",
+        *arms_md(arms),
+        "",
+        f"## Table 2: trainable parameters per LoRA rank and costs ({task})",
+        "",
+        "Counted on the peft-wrapped models built from each run's config (no weights). Cells: trainable parameters "
+        "(LoRA matrices only in brackets). The head trains with the LoRA matrices, so it is part of the trainable "
+        "count at every rank.",
+        "",
+        *t2_md,
+        "",
+        "## Figures",
+        "",
+        f"![Figure 2: training loss on {task}](figure2.png)",
+        "",
+        "![Score against trainable parameters](score_vs_params.png)",
+    ]
+    if unfinished:
+        lines += ["", "## Unfinished runs (not counted)", "", *[f"- {p}" for p in unfinished]]
+    atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(root / "table1.csv", _csv(table1_rows(cells, avg)))
+    atomic_write_text(root / "arms.csv", _csv(arms))
+    atomic_write_text(root / "table2.csv", _csv(t2_rows))
+    atomic_write_text(root / "runs.csv", _csv([run_row(r) for r in runs]))
+    if not quiet:
+        print("\n".join(table1_md(cells)))
+        print(
+            f"\nwrote {root / 'report.md'} with table1.csv, arms.csv, table2.csv, runs.csv, figure2.png and "
+            "score_vs_params.png beside it"
+        )
+    return root / "report.md"
+
+
+def table1_rows(cells: dict[tuple[str, str], Cell], avg: dict[str, Cell]) -> list[dict[str, Any]]:
+    rows = []
+    for (task, m), c in sorted(cells.items()):
+        rows.append({"task": task, "method": m, "score": c.value, "std": c.std, "n": c.n, "how": c.how})
+    for m, c in avg.items():
+        rows.append({"task": "average", "method": m, "score": c.value, "std": c.std, "n": c.n, "how": c.how})
+    for row in rows:
+        for ref in ("fft", "lora"):
+            base = avg.get(ref) if row["task"] == "average" else cells.get((row["task"], ref))
+            row[f"pct_of_{ref}"] = _pct(row["score"], base.value if base else None)
+    return rows
+
+
+def run_row(r: Run) -> dict[str, Any]:
+    inf = r.inference
+    return {
+        "path": str(r.path),
+        "task": r.task,
+        "method": r.method,
+        "seed": r.seed,
+        "score": r.score,
+        "best_epoch": r.metrics.get("best_epoch"),
+        "trainable_params": r.metrics.get("trainable_params"),
+        "lora_params": r.metrics.get("lora_params"),
+        "total_params": r.metrics.get("total_params"),
+        "merged_mb": r.merged_mb,
+        "peak_train_memory_mb": r.metrics.get("peak_memory_mb"),
+        "train_seconds": r.metrics.get("train_seconds"),
+        "inference_s": inf["median_s"] if inf else None,
+    }
