@@ -440,6 +440,7 @@ def _sweep(args: argparse.Namespace) -> int:
     for layer in (read_yaml(args.config) if args.config else {}, _overrides(args)):
         for section, items in layer.items():
             values.setdefault(section, {}).update(items or {})
+    values.setdefault("train", {}).setdefault("output_dir", "runs/sweep")
     sweep = SweepArgs(
         base=values,
         grid=args.grid,
