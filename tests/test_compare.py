@@ -96,3 +96,16 @@ def test_a_child_run_reports_its_error_through_the_file_it_is_given(tmp_path, ti
     argv = ["train", "--method", "lora", "--task", "cola", "--model", str(tmp_path / "missing")]
     assert main([*argv, "--data-dir", str(tiny_glue), "--output-dir", str(tmp_path / "out")]) == 2
     assert "does not exist" in error_file.read_text() and capsys.readouterr().err == ""
+
+
+def test_compare_on_real_glue_with_minilm(tmp_path, real_glue):
+    """The issue's command at smoke size: packaged MiniLM teacher, its layers 0,2,4 as student, WNLI from ../shared."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--tasks", "wnli", "--teacher-model", "all-MiniLM-L6-v2", "--student-layers", "0,2,4"]
+    argv += ["--data-dir", str(real_glue), "--output-dir", str(out), "--max-train-samples", "48"]
+    argv += ["--max-eval-samples", "32", "--epochs", "1", "--inference-runs", "1", "--quiet"]
+    assert main(argv) == 0
+    metrics = {arm: read_run(out / "wnli" / "seed-42" / arm) for arm in ARMS}
+    assert metrics["fft"]["total_params"] == 22_713_986 and metrics["kd-lora"]["total_params"] == 17_390_594
+    assert metrics["kd-lora"]["lora_params"] == 3 * 2 * 8 * (384 + 384)
+    assert "| kd-lora |" in (out / "report.md").read_text()

@@ -99,7 +99,7 @@ def test_report_tables_have_the_right_numbers(runs_dir, capsys):
 
     report = (runs_dir / "report.md").read_text()
     assert "| kd-lora | 46.00 ± 1.00 | 79.00 ± 1.00 | 62.50 ± 1.00 | 94.7 | 109.6 |" in report
-    assert "## Unfinished runs (not counted)" in report and str(runs_dir / "rte/seed-1/fft") in report
+    assert "## Unfinished runs (not counted)" in report and "- rte/seed-1/fft" in report
     assert "kd-lora" in capsys.readouterr().out
 
     arms = {(r["task"], r["method"]): r for r in read_csv(runs_dir / "arms.csv")}

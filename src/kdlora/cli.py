@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
     p.add_argument("--top-k", type=int, default=6, help="configs in the median when a task and method has several")
     p.add_argument("--task", help="task of Table 2 and Figure 2 (default cola when present)")
+    p.add_argument("--output-dir", help="write the report here instead of into RUNS_DIR")
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="write GLUE test-set submission files (CoLA.tsv, ...)")
@@ -458,7 +459,8 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.top_k <= 0:
         raise KdloraError(f"--top-k must be > 0, got {args.top_k}")
-    write_report(Path(args.runs_dir), top_k=args.top_k, task=args.task, quiet=args.quiet)
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    write_report(Path(args.runs_dir), top_k=args.top_k, task=args.task, quiet=args.quiet, output_dir=output_dir)
     return 0
 
 

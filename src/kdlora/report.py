@@ -452,8 +452,12 @@ def _save_png(fig: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def write_report(root: Path, top_k: int = 6, task: str | None = None, quiet: bool = False) -> Path:
-    """Write report.md, table1.csv, arms.csv, table2.csv, runs.csv and the figures into `root`. Returns report.md."""
+def write_report(
+    root: Path, top_k: int = 6, task: str | None = None, quiet: bool = False, output_dir: Path | None = None
+) -> Path:
+    """Write report.md, table1.csv, arms.csv, table2.csv, runs.csv and the figures into `output_dir` (default: `root`).
+    Returns the path of report.md. Run paths in it are relative to `root`."""
+    dest = output_dir or root
     runs, unfinished = find_runs(root)
     if not runs:
         raise KdloraError(
@@ -466,8 +470,8 @@ def write_report(root: Path, top_k: int = 6, task: str | None = None, quiet: boo
         raise KdloraError(f"--task {task}: no finished runs of it under {root} (tasks: {', '.join(tasks)})")
     arms = arm_rows(cells)
     t2_rows, t2_md = table2(cells, task)
-    figure2(cells, task, root / "figure2.png")
-    score_vs_params(cells, root / "score_vs_params.png")
+    figure2(cells, task, dest / "figure2.png")
+    score_vs_params(cells, dest / "score_vs_params.png")
     _, avg = averages(cells)
 
     lines = [
@@ -505,19 +509,19 @@ def write_report(root: Path, top_k: int = 6, task: str | None = None, quiet: boo
         "![Score against trainable parameters](score_vs_params.png)",
     ]
     if unfinished:
-        lines += ["", "## Unfinished runs (not counted)", "", *[f"- {p}" for p in unfinished]]
-    atomic_write_text(root / "report.md", "\n".join(lines) + "\n")
-    atomic_write_text(root / "table1.csv", _csv(table1_rows(cells, avg)))
-    atomic_write_text(root / "arms.csv", _csv(arms))
-    atomic_write_text(root / "table2.csv", _csv(t2_rows))
-    atomic_write_text(root / "runs.csv", _csv([run_row(r) for r in runs]))
+        lines += ["", "## Unfinished runs (not counted)", "", *[f"- {p.relative_to(root)}" for p in unfinished]]
+    atomic_write_text(dest / "report.md", "\n".join(lines) + "\n")
+    atomic_write_text(dest / "table1.csv", _csv(table1_rows(cells, avg)))
+    atomic_write_text(dest / "arms.csv", _csv(arms))
+    atomic_write_text(dest / "table2.csv", _csv(t2_rows))
+    atomic_write_text(dest / "runs.csv", _csv([run_row(r, root) for r in runs]))
     if not quiet:
         print("\n".join(table1_md(cells)))
         print(
-            f"\nwrote {root / 'report.md'} with table1.csv, arms.csv, table2.csv, runs.csv, figure2.png and "
+            f"\nwrote {dest / 'report.md'} with table1.csv, arms.csv, table2.csv, runs.csv, figure2.png and "
             "score_vs_params.png beside it"
         )
-    return root / "report.md"
+    return dest / "report.md"
 
 
 def table1_rows(cells: dict[tuple[str, str], Cell], avg: dict[str, Cell]) -> list[dict[str, Any]]:
@@ -533,10 +537,10 @@ def table1_rows(cells: dict[tuple[str, str], Cell], avg: dict[str, Cell]) -> lis
     return rows
 
 
-def run_row(r: Run) -> dict[str, Any]:
+def run_row(r: Run, root: Path) -> dict[str, Any]:
     inf = r.inference
     return {
-        "path": str(r.path),
+        "path": str(r.path.relative_to(root)),
         "task": r.task,
         "method": r.method,
         "seed": r.seed,

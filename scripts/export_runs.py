@@ -1,0 +1,37 @@
+"""Copy the small files of every finished run under SRC to DST: what `kdlora report` needs, without the weights.
+
+    python scripts/export_runs.py runs/results docs/results/runs
+
+Per run: config.yaml, metrics.json, inference.json (when timed) and merged/config.json (the architecture, for the
+parameter counts at each rank). `kdlora report DST` then gives the same tables as `kdlora report SRC`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from kdlora.report import find_runs
+
+FILES = ("config.yaml", "metrics.json", "inference.json", "merged/config.json")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args()
+    src, dst = Path(args.src), Path(args.dst)
+    runs, unfinished = find_runs(src)
+    for run in runs:
+        for name in FILES:
+            if (run.path / name).is_file():
+                target = dst / run.path.relative_to(src) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run.path / name, target)
+    print(f"copied {len(runs)} finished runs to {dst} ({len(unfinished)} unfinished left out)")
+
+
+if __name__ == "__main__":
+    main()
