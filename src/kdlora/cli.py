@@ -215,16 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> int:
-    from kdlora.config import load_config, read_yaml
-    from kdlora.train import process_state, run
+def _train_values(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Config sections from the lowest layer up: a preset, the --config YAML file, the flags."""
+    from kdlora.config import read_yaml
 
     values: dict[str, dict[str, Any]] = {}
-    layers = [preset or {}, read_yaml(args.config) if args.config else {}, _overrides(args)]
-    for layer in layers:
+    for layer in (preset or {}, read_yaml(args.config) if args.config else {}, _overrides(args)):
         for section, items in layer.items():
             values.setdefault(section, {}).update(items or {})
-    cfg = load_config(None, values)
+    return values
+
+
+def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> int:
+    from kdlora.config import load_config
+    from kdlora.train import process_state, run
+
+    cfg = load_config(None, _train_values(args, preset))
     metrics = run(cfg)
     if process_state().is_main_process:
         _print_summary(metrics, Path(cfg.train.output_dir))
@@ -434,13 +440,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from kdlora.config import read_yaml
     from kdlora.sweep import SweepArgs, run_sweep
 
-    values: dict[str, dict[str, Any]] = {}
-    for layer in (read_yaml(args.config) if args.config else {}, _overrides(args)):
-        for section, items in layer.items():
-            values.setdefault(section, {}).update(items or {})
+    values = _train_values(args)
     values.setdefault("train", {}).setdefault("output_dir", "runs/sweep")
     sweep = SweepArgs(
         base=values,
