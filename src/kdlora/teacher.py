@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +156,14 @@ def teacher_logits(
     if not torch.isfinite(logits).all():
         raise KdloraError(f"the teacher in {run_dir} produced non-finite logits; retrain it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"ids": ids, "logits": logits}, str(tmp), metadata={"fingerprint": fp})
-    tmp.replace(path)
+    # A temporary name of its own: two runs distilling from one teacher may write the same cache at once.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"ids": ids, "logits": logits}, tmp, metadata={"fingerprint": fp})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return TeacherLogits(ids, logits), False
 
 
