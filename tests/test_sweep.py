@@ -205,3 +205,13 @@ def test_two_workers_share_a_postgresql_study_and_run_no_point_twice(tmp_path, t
     trained = [stdout.count("training into") for stdout, _ in outputs]
     assert sum(trained) == 6 and all(n > 0 for n in trained), trained  # both worked, nothing trained twice
     assert len({t.user_attrs["pid"] for t in trials if t.state.name == "COMPLETE"}) == 2
+
+
+def test_an_unreachable_storage_is_one_line_without_the_password(tmp_path, tiny_bert_dir, tiny_glue, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("product: {lr: [0.001]}\n")
+    for url in (f"postgresql://u:secret@127.0.0.1:{_free_port()}/db", "nosuchdb://x"):
+        argv = sweep_cmd(tiny_bert_dir, tiny_glue, tmp_path / "out", grid, "--storage", url)[3:]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot open the study storage" in err[0] and "secret" not in err[0], err
