@@ -216,7 +216,7 @@ def requeue(study: Any) -> None:
     for t in study.get_trials(deepcopy=False):
         point = t.system_attrs.get("fixed_params", {}).get("point")
         live = t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
-        if point is not None and (live or "error" in t.user_attrs or "duplicate" in t.user_attrs):
+        if point is not None and (live or "error" in t.user_attrs):  # a pruned duplicate settles nothing
             settled.add(point)
     for i in range(len(study.user_attrs.get("kdlora_points", []))):
         if i not in settled:
