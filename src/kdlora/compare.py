@@ -95,19 +95,14 @@ def arm_config(args: CompareArgs, task: str, seed: int, arm: str) -> RunConfig:
     return build_config(values)
 
 
-def _same_config(run_dir: Path, cfg: RunConfig) -> bool:
-    from kdlora.train import _comparable
-
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return _comparable(saved) == _comparable(cfg)
-
-
 def run_arm(cfg: RunConfig, label: str, force: bool, overwrite: bool) -> tuple[dict[str, Any], bool]:
     """Train one arm in a child `kdlora train`, unless it already finished with this config. (metrics, trained?)"""
+    from kdlora.train import same_config
+
     out = Path(cfg.train.output_dir)
     finished = read_run(out)
     if finished is not None and not force:
-        if _same_config(out, cfg):
+        if same_config(out, cfg):
             print(f"{label}: reusing the finished run in {out}", flush=True)
             return finished, False
         if not overwrite:

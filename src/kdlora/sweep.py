@@ -235,7 +235,7 @@ def _waiting(study: Any) -> bool:
 def run_sweep(args: SweepArgs) -> dict[str, Any]:
     import optuna
 
-    from kdlora.train import _comparable, ensure_teacher
+    from kdlora.train import _comparable, ensure_teacher, same_config
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our own line
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -281,6 +281,11 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
         trial.set_user_attr("run_dir", cfg.train.output_dir)
         label = f"sweep: point {i + 1}/{len(points)} ({describe(points[i])})"
         done = read_run(cfg.train.output_dir)
+        if done is not None and not same_config(Path(cfg.train.output_dir), cfg):
+            trial.set_user_attr("error", "another config's run is in the directory")
+            raise KdloraError(
+                f"{cfg.train.output_dir} holds a finished run of another config: use another --output-dir"
+            )
         try:
             if done is not None:
                 print(f"{label}: already finished, read back", flush=True)

@@ -118,12 +118,17 @@ def _comparable(cfg: RunConfig | dict) -> dict:
     return d
 
 
+def same_config(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether the run in `run_dir` was made with `cfg`, up to settings that leave results alone."""
+    return _comparable(yaml.safe_load((run_dir / "config.yaml").read_text())) == _comparable(cfg)
+
+
 def ensure_teacher(cfg: RunConfig, out: Path) -> Path:
     """Train the fft teacher into OUTPUT/teacher, or reuse the finished one there if it was trained the same way."""
     tdir = out / "teacher"
     tcfg = teacher_config(cfg, tdir)
     if (tdir / "config.yaml").is_file():
-        same = _comparable(yaml.safe_load((tdir / "config.yaml").read_text())) == _comparable(tcfg)
+        same = same_config(tdir, tcfg)
         if same and read_run(tdir) is not None:
             say(f"reusing the finished teacher in {tdir}")
             return tdir
