@@ -17,6 +17,7 @@ import copy
 import itertools
 import json
 import os
+import random
 import socket
 import time
 import warnings
@@ -131,13 +132,21 @@ def describe(point: dict[str, Any]) -> str:
 
 def _storage(url: str) -> Any:
     import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    except Exception as exc:  # bad URL, server down, missing driver: one line, with the password hidden
-        cause = exc.__cause__ if isinstance(exc, ImportError) and exc.__cause__ else exc  # name the missing driver
-        reason = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
-        raise KdloraError(f"cannot open the study storage {_safe_url(url)}: {reason}") from exc
+    for _ in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (IntegrityError, ProgrammingError) as exc:
+            # Workers started together race to create the study tables; the loser's retry finds them made.
+            last = exc
+            time.sleep(0.5 + random.random())
+        except Exception as exc:  # bad URL, server down, missing driver: one line, with the password hidden
+            cause = exc.__cause__ if isinstance(exc, ImportError) and exc.__cause__ else exc  # name the driver
+            reason = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
+            raise KdloraError(f"cannot open the study storage {_safe_url(url)}: {reason}") from exc
+    reason = str(last).splitlines()[0][:200]
+    raise KdloraError(f"cannot create the study tables in {_safe_url(url)}: {reason}") from last
 
 
 def _safe_url(url: str) -> str:
