@@ -470,7 +470,9 @@ def _fail(args: argparse.Namespace, message: str) -> None:
     """One line on stderr; or, in a child run by `kdlora compare`, into the file it named, for it to report."""
     if args.debug:
         traceback.print_exc()
-    error_file = os.environ.get("KDLORA_ERROR_FILE")
+    from kdlora.compare import ERROR_FILE_ENV
+
+    error_file = os.environ.get(ERROR_FILE_ENV)
     if error_file:
         Path(error_file).write_text(message + "\n")
     else:
