@@ -2,6 +2,8 @@
 
     python scripts/export_runs.py runs/results docs/results/runs
 
+    python scripts/export_runs.py runs/variants/t1 docs/results/variants/t1 --methods kd-lora
+
 Per run: config.yaml, metrics.json, inference.json (when timed) and merged/config.json (the architecture, for the
 parameter counts at each rank). `kdlora report DST` then gives the same tables as `kdlora report SRC`.
 """
@@ -21,9 +23,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--methods", help="only these methods, comma-separated (e.g. kd-lora, when fft and lora are links)")
     args = p.parse_args()
     src, dst = Path(args.src), Path(args.dst)
     runs, unfinished = find_runs(src)
+    if args.methods:
+        runs = [r for r in runs if r.method in args.methods.split(",")]
     for run in runs:
         for name in FILES:
             if (run.path / name).is_file():

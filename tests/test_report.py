@@ -109,6 +109,24 @@ def test_report_tables_have_the_right_numbers(runs_dir, capsys):
     assert len(read_csv(runs_dir / "runs.csv")) == 18
 
 
+def test_report_follows_symlinked_runs_once(runs_dir, tmp_path_factory):
+    """A variant's kd-lora runs beside links to the baseline's fft and lora runs: one report over all of them."""
+    view = tmp_path_factory.mktemp("variant")
+    for task, methods in SCORES.items():
+        for seed in (1, 2, 3):
+            for method in ("fft", "lora"):
+                (view / task / f"seed-{seed}").mkdir(parents=True, exist_ok=True)
+                (view / task / f"seed-{seed}" / method).symlink_to(runs_dir / task / f"seed-{seed}" / method)
+            fake_run(view, task, "kd-lora", seed, methods["kd-lora"][seed - 1] + 10)
+    (view / "again").symlink_to(view / "cola")  # a second way to the same runs counts once
+    (view / "loop").symlink_to(view)  # and a link back up the tree ends
+    assert main(["report", str(view), "--quiet"]) == 0
+    rows = {(r["task"], r["method"]): float(r["score"]) for r in read_csv(view / "table1.csv")}
+    assert rows["cola", "fft"] == 52 and rows["cola", "lora"] == 42 and rows["cola", "kd-lora"] == 56
+    runs = read_csv(view / "runs.csv")
+    assert len(runs) == 18 and "cola/seed-1/fft" in {r["path"] for r in runs}
+
+
 def test_report_table2_counts_follow_the_lora_formula(runs_dir):
     main(["report", str(runs_dir), "--quiet"])
     rows = read_csv(runs_dir / "table2.csv")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -69,15 +70,34 @@ def config_key(config: dict[str, Any]) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+def _config_dirs(root: Path) -> list[Path]:
+    """Directories under `root` holding a config.yaml, through symlinked directories too (so that a tree of links
+    can put runs of several experiments side by side), each real directory once."""
+    seen: set[str] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree, or a second link to the same runs
+            dirnames.clear()
+            continue
+        seen.add(real)
+        # Skip temporary directories of atomic writes and checkpoints; real directories before links, so that a run
+        # reached both ways is listed under its own path.
+        keep = [d for d in dirnames if not d.startswith(".") and d != "checkpoint"]
+        links = {d for d in keep if os.path.islink(os.path.join(dirpath, d))}
+        dirnames[:] = sorted(set(keep) - links) + sorted(links)
+        if "config.yaml" in filenames:
+            found.append(Path(dirpath))
+    return sorted(found)
+
+
 def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
     """Finished runs and unfinished run directories under `root` (a run directory itself counts too)."""
     if not root.is_dir():
         raise KdloraError(f"{root} is not a directory")
     finished, unfinished = [], []
-    for cfg_path in sorted(root.rglob("config.yaml")):
-        run_dir = cfg_path.parent
-        if any(part.startswith(".") or part == "checkpoint" for part in run_dir.relative_to(root).parts):
-            continue  # temporary directories of atomic writes, checkpoints
+    for run_dir in _config_dirs(root):
+        cfg_path = run_dir / "config.yaml"
         metrics = read_run(run_dir)
         try:
             config = yaml.safe_load(cfg_path.read_text())
