@@ -19,16 +19,11 @@ from kdlora.report import find_runs
 FILES = ("config.yaml", "metrics.json", "inference.json", "merged/config.json")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--methods", help="only these methods, comma-separated (e.g. kd-lora, when fft and lora are links)")
-    args = p.parse_args()
-    src, dst = Path(args.src), Path(args.dst)
+def export(src: Path, dst: Path, methods: list[str] | None = None) -> None:
+    """Copy the small files of the finished runs under `src` (of `methods` only, when given) to the same paths under
+    `dst`."""
     runs, unfinished = find_runs(src)
-    if args.methods:
-        runs = [r for r in runs if r.method in args.methods.split(",")]
+    runs = [r for r in runs if not methods or r.method in methods]
     for run in runs:
         for name in FILES:
             if (run.path / name).is_file():
@@ -36,6 +31,15 @@ def main() -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run.path / name, target)
     print(f"copied {len(runs)} finished runs to {dst} ({len(unfinished)} unfinished left out)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--methods", help="only these methods, comma-separated (e.g. kd-lora, when fft and lora are links)")
+    args = p.parse_args()
+    export(Path(args.src), Path(args.dst), args.methods.split(",") if args.methods else None)
 
 
 if __name__ == "__main__":
