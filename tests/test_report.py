@@ -18,7 +18,9 @@ from kdlora.report import Run, config_key, median_top_k, rank_counts
 LAYERS = 4  # tiny_bert_config's layers; the kd-lora fixture student keeps 2
 
 
-def fake_run(root: Path, task: str, method: str, seed: int, score: float, lr: float | None = None, **metrics) -> Path:
+def fake_run(
+    root: Path, task: str, method: str, seed: int, score: float, lr: float | None = None, infer_s=None, **metrics
+) -> Path:
     """A finished run directory as `kdlora train` leaves it, minus the weights: config, metrics, merged/config.json."""
     run = root / task / f"seed-{seed}" / method / (f"lr-{lr}" if lr else "")
     model = {"name": "/m/tiny"} if method != "kd-lora" else {"teacher": str(root / "t"), "student_layers": [0, 2]}
@@ -53,7 +55,8 @@ def fake_run(root: Path, task: str, method: str, seed: int, score: float, lr: fl
             }
         )
     )
-    (run / "inference.json").write_text(json.dumps({"median_s": {"fft": 0.2, "lora": 0.2, "kd-lora": 0.1}[method]}))
+    infer_s = infer_s or {"fft": 0.2, "lora": 0.2, "kd-lora": 0.1}[method]
+    (run / "inference.json").write_text(json.dumps({"median_s": infer_s}))
     return run
 
 
@@ -125,6 +128,20 @@ def test_report_follows_symlinked_runs_once(runs_dir, tmp_path_factory):
     assert rows["cola", "fft"] == 52 and rows["cola", "lora"] == 42 and rows["cola", "kd-lora"] == 56
     runs = read_csv(view / "runs.csv")
     assert len(runs) == 18 and "cola/seed-1/fft" in {r["path"] for r in runs}
+
+
+def test_speed_up_is_the_median_of_per_seed_ratios(tmp_path):
+    """Seeds timed under different loads: each seed's ratio is fair, a ratio of medians across seeds is not."""
+    times = {"fft": [0.2, 0.4, 1.0], "lora": [0.2, 0.4, 1.0], "kd-lora": [0.1, 0.5, 0.4]}  # ratios 2, 0.8, 2.5
+    for method, secs in times.items():
+        for seed, t in enumerate(secs, 1):
+            fake_run(tmp_path, "cola", method, seed, 50.0, infer_s=t)
+    assert main(["report", str(tmp_path), "--quiet"]) == 0
+    arms = {r["method"]: r for r in read_csv(tmp_path / "arms.csv")}
+    assert float(arms["kd-lora"]["speedup_vs_fft"]) == pytest.approx(2.0)  # the median of the medians would give 1.0
+    assert float(arms["kd-lora"]["inference_s"]) == pytest.approx(0.4)
+    table2 = {r["method"]: r for r in read_csv(tmp_path / "table2.csv") if r["rank"] in ("", "8")}
+    assert float(table2["kd-lora"]["inference_speedup_vs_fft"]) == pytest.approx(2.0)
 
 
 def test_report_table2_counts_follow_the_lora_formula(runs_dir):

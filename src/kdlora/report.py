@@ -251,7 +251,8 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def arm_rows(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
-    """One row per task and method: score, % of FFT and LoRA, parameters, size, memory, inference (medians of runs)."""
+    """One row per task and method: score, % of FFT and LoRA, parameters, size, memory, inference (medians of runs)
+    and its speed-up over fft (the median of per-seed ratios)."""
     rows = []
     for task in sorted({t for t, _ in cells}):
         for m in _methods(cells):
@@ -260,6 +261,11 @@ def arm_rows(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
             c, runs = cells[task, m], cells[task, m].runs
             fft, lora = cells.get((task, "fft")), cells.get((task, "lora"))
             inference = [r.inference for r in runs]
+            # A speed-up is a ratio of two timings taken side by side: `kdlora compare` times a seed's arms together,
+            # so pair each run with the fft run of its seed, then take the median of those ratios.
+            fft_time = {r.seed: r.inference["median_s"] for r in (fft.runs if fft else []) if r.inference}
+            timed = [(r.seed, i["median_s"]) for r, i in zip(runs, inference, strict=True) if i]
+            speedups = [fft_time[seed] / t for seed, t in timed if seed in fft_time]
             rows.append(
                 {
                     "task": task,
@@ -276,6 +282,7 @@ def arm_rows(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
                     "peak_train_memory_mb": _median([r.metrics.get("peak_memory_mb") for r in runs]),
                     "memory_kind": runs[0].metrics.get("peak_memory_kind"),
                     "inference_s": _median([i["median_s"] for i in inference if i]),
+                    "speedup_vs_fft": _median(speedups),
                     "train_seconds": _median([r.metrics.get("train_seconds") for r in runs]),
                 }
             )
@@ -308,6 +315,7 @@ def table1_md(cells: dict[tuple[str, str], Cell]) -> list[str]:
 
 def arms_md(rows: list[dict[str, Any]]) -> list[str]:
     header = ["task", "method", "score", "% FFT", "% LoRA", "trainable", "total", "merged MB", "train MB", "infer s"]
+    header += ["speed-up"]
     body = [
         [
             r["task"],
@@ -320,6 +328,7 @@ def arms_md(rows: list[dict[str, Any]]) -> list[str]:
             _f(r["merged_mb"]),
             _f(r["peak_train_memory_mb"], ".0f"),
             _f(r["inference_s"], ".3f"),
+            _f(r["speedup_vs_fft"], ".2f"),
         ]
         for r in rows
     ]
@@ -330,7 +339,6 @@ def table2(cells: dict[tuple[str, str], Cell], task: str) -> tuple[list[dict[str
     """Trainable parameters at ranks 8/16/32/64 per method, plus size, memory and inference on `task`."""
     rows, lines = [], []
     arms = {r["method"]: r for r in arm_rows(cells) if r["task"] == task}
-    fft_time = arms.get("fft", {}).get("inference_s")
     for m in _methods(cells):
         if (task, m) not in cells:
             continue
@@ -344,9 +352,7 @@ def table2(cells: dict[tuple[str, str], Cell], task: str) -> tuple[list[dict[str
                     "merged_mb": arm["merged_mb"],
                     "peak_train_memory_mb": arm["peak_train_memory_mb"],
                     "inference_s": arm["inference_s"],
-                    "inference_speedup_vs_fft": fft_time / arm["inference_s"]
-                    if fft_time and arm["inference_s"]
-                    else None,
+                    "inference_speedup_vs_fft": arm["speedup_vs_fft"],
                 }
             )
     header = ["method", *[f"r={r}" for r in RANKS], "deployed params", "merged MB", "train MB", "infer s", "speed-up"]
@@ -510,7 +516,8 @@ def write_report(
         "trainable = LoRA matrices + head (classifier, and pooler / pre_classifier where the model has one), or every "
         "parameter for fft; total = parameters of the deployed model (LoRA merged); merged MB = its safetensors on "
         "disk; train MB = peak training memory (" + (arms[0]["memory_kind"] or "?") + "); infer s = one pass over "
-        "the validation set with the merged model (median of the timed passes in inference.json).",
+        "the validation set with the merged model (median of the timed passes in inference.json; median over seeds); "
+        "speed-up = fft's time / this arm's, both timed in the same run, median over seeds.",
         "",
         *arms_md(arms),
         "",
