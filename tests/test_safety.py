@@ -30,3 +30,11 @@ def test_run_outputs_are_safetensors_json_yaml(tmp_path, tiny_bert_dir, tiny_glu
     assert main([*args, "--epochs", "1", "--quiet", "--output-dir", str(out)]) == 0
     suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
     assert suffixes <= {".safetensors", ".json", ".yaml", ".txt", ".md", ".jinja"}, suffixes
+    # Atomic writes go through mkstemp/mkdtemp (0600/0700); the final outputs must carry the usual umask modes.
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o777 if (out / p).is_dir() else 0o666) & ~mask}
+    assert not wrong, wrong

@@ -11,6 +11,24 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | Path, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode a plain open()/mkdir() would have, so that outputs
+    are readable by others as usual. A directory gets it with everything inside (safetensors writes 0600 too)."""
+    mask = _umask()
+    if directory:
+        for p in [Path(path), *Path(path).rglob("*")]:
+            if not p.is_symlink():
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
     atomic_write_bytes(path, text.encode())
@@ -26,6 +44,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +65,7 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         write(tmp)
+        give_default_mode(tmp, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

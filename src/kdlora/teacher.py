@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from kdlora.data import Example, TokenizedDataset
 from kdlora.errors import KdloraError
-from kdlora.io import read_run
+from kdlora.io import give_default_mode, read_run
 from kdlora.tasks import Task
 
 _TOKENIZER_FILES = (
@@ -161,6 +161,7 @@ def teacher_logits(
     os.close(fd)
     try:
         save_file({"ids": ids, "logits": logits}, tmp, metadata={"fingerprint": fp})
+        give_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
