@@ -398,8 +398,16 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _curves(runs: list[Run], key: str) -> list[list[float]]:
+    """The runs' per-step `key` histories, cut to the shortest (seeds of one config have the same step count)."""
+    curves = [r.metrics.get(key) or [] for r in runs]
+    n = min((len(c) for c in curves), default=0)
+    return [c[:n] for c in curves] if n else []
+
+
 def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
-    """Training loss against optimizer step for each method on `task` (the best run of each; smoothed)."""
+    """Training loss against optimizer step for each method on `task`: the mean over the seeds of its config (smoothed)
+    with the seeds' min-max as a band, so that no seed is picked; a sweep cell shows its best run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,22 +417,29 @@ def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
     for m in _methods(cells):
         if (task, m) not in cells:
             continue
-        run = max(cells[task, m].runs, key=lambda r: r.score)
-        loss = run.metrics.get("train_loss") or []
-        window = max(1, len(loss) // 25)
-        (line,) = ax.plot(_smooth(loss, window), label=f"{m} (seed {run.seed})", lw=1.6)
-        ax.plot(loss, color=line.get_color(), alpha=0.15, lw=0.6)
-        if m == "kd-lora" and run.metrics.get("train_loss_task"):
-            ax.plot(
-                _smooth(run.metrics["train_loss_task"], window),
-                color=line.get_color(),
-                ls="--",
-                lw=1.2,
-                label="kd-lora, task loss only",
-            )
+        cell = cells[task, m]
+        runs = cell.runs if cell.seeds else [max(cell.runs, key=lambda r: r.score)]
+        curves = _curves(runs, "train_loss")
+        if not curves:
+            continue
+        window = max(1, len(curves[0]) // 25)
+        smooth = [_smooth(c, window) for c in curves]
+        mean = [statistics.mean(v) for v in zip(*smooth, strict=True)]
+        who = f"mean of {len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
+        (line,) = ax.plot(mean, label=f"{m} ({who})", lw=1.6)
+        if len(runs) > 1:
+            steps = range(len(mean))
+            low, high = [min(v) for v in zip(*smooth, strict=True)], [max(v) for v in zip(*smooth, strict=True)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, lw=0)
+        else:
+            ax.plot(curves[0], color=line.get_color(), alpha=0.15, lw=0.6)
+        task_curves = _curves(runs, "train_loss_task") if m == "kd-lora" else []
+        if task_curves:
+            task_mean = [statistics.mean(v) for v in zip(*(_smooth(c, window) for c in task_curves), strict=True)]
+            ax.plot(task_mean, color=line.get_color(), ls="--", lw=1.2, label="kd-lora, task loss only")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_title(f"Training loss on {task} (moving average; raw steps faint)")
+    ax.set_title(f"Training loss on {task} (moving average; band: min-max over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
