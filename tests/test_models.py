@@ -97,6 +97,18 @@ def test_unknown_target_module_is_a_clear_error():
         resolve_target_modules(_tiny("bert"), ["qkv"])
 
 
+def test_dotted_target_suffixes_pick_modules_as_peft_does():
+    """`output.dense` adapts the attention-output and FFN-output projections of every layer, never the pooler."""
+    targets = ["query", "key", "value", "output.dense", "intermediate.dense"]
+    assert resolve_target_modules(_tiny("bert"), targets) == targets
+    model = add_lora(_tiny("bert"), LoraArgs(r=8, target_modules=targets))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert len(adapted) == 4 * 6  # layers x (q, k, v, attention output, intermediate, output)
+    assert not any("pooler" in n for n in adapted)
+    with pytest.raises(KdloraError, match="pooler.query not found"):
+        resolve_target_modules(_tiny("bert"), ["pooler.query"])
+
+
 def test_parameter_counts_follow_the_lora_formula():
     model = add_lora(_tiny("bert"), LoraArgs(r=8))
     counts = count_parameters(model)

@@ -98,14 +98,18 @@ def _has_head(config: Any) -> bool:
 
 
 def resolve_target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
-    """The module names LoRA adapts: `requested` if given (checked to exist), else the architecture's query/value."""
-    leaf_names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    """The module names LoRA adapts: `requested` if given (checked to exist), else the architecture's query/value.
+
+    As in peft, a target is a module name or a dotted suffix of one: `output.dense` picks BERT's attention-output and
+    FFN-output projections, not the pooler's `dense`."""
+    linear = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    leaf_names = {name.rsplit(".", 1)[-1] for name in linear}
     if requested:
-        missing = [t for t in requested if t not in leaf_names]
+        missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in linear)]
         if missing:
             raise KdloraError(
                 f"LoRA target module(s) {', '.join(missing)} not found in the model; "
-                f"its linear layers are: {', '.join(sorted(leaf_names))}"
+                f"its linear layers are: {', '.join(sorted(leaf_names))} (a name, or a dotted suffix of a module path)"
             )
         return list(requested)
     model_type = getattr(model.config, "model_type", "")
