@@ -215,3 +215,35 @@ def test_an_unreachable_storage_is_one_line_without_the_password(tmp_path, tiny_
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "cannot open the study storage" in err[0] and "secret" not in err[0], err
+
+
+def test_retry_failed_runs_a_failed_point_once_more(tmp_path, tiny_bert_dir, tiny_glue, monkeypatch):
+    import kdlora.sweep as sweep
+    from kdlora.errors import KdloraError
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("points: [{lr: 0.001}, {lr: 0.002}]\n")
+    real = sweep._run
+
+    def broken(cfg):
+        if cfg.train.lr == 0.002:
+            raise KdloraError("a bug, since fixed")
+        return real(cfg)
+
+    def states(out: Path) -> dict[int, list[str]]:
+        got: dict[int, list[str]] = {}
+        for t in study_trials(out):
+            got.setdefault(point_of(t), []).append(t.state.name)
+        return got
+
+    out = tmp_path / "out"
+    argv = sweep_cmd(tiny_bert_dir, tiny_glue, out, grid)[3:]
+    monkeypatch.setattr(sweep, "_run", broken)
+    assert main(argv) == 0
+    assert states(out) == {0: ["COMPLETE"], 1: ["FAIL"]}
+    monkeypatch.setattr(sweep, "_run", real)
+    assert main(argv) == 0  # a plain rerun leaves a failed point alone
+    assert states(out) == {0: ["COMPLETE"], 1: ["FAIL"]}
+    assert main([*argv, "--retry-failed"]) == 0
+    assert states(out) == {0: ["COMPLETE"], 1: ["FAIL", "COMPLETE"]}
+    assert (out / "trials" / "point-001" / "metrics.json").is_file()

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", help="default: kdlora-<task>-<method>")
     p.add_argument("--top-k", type=int, default=6, help="summarise by the median of the top k configs (default 6)")
     p.add_argument("--max-trials", type=int, help="this worker stops after N trials")
+    p.add_argument(
+        "--retry-failed", action="store_true", help="run again the points that failed with an error (once each)"
+    )
 
     p = sub.add_parser("report", help="Table 1, Table 2, Figure 2 and CSVs from finished run directories")
     p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
@@ -451,6 +454,7 @@ def _sweep(args: argparse.Namespace) -> int:
         study_name=args.study_name,
         top_k=args.top_k,
         max_trials=args.max_trials,
+        retry_failed=args.retry_failed,
     )
     run_sweep(sweep)
     return 0

@@ -104,6 +104,7 @@ class SweepArgs:
     study_name: str | None = None
     top_k: int = 6
     max_trials: int | None = None  # this worker stops after this many trials
+    retry_failed: bool = False  # queue once more each point whose trials all failed with an error
     points: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -232,6 +233,24 @@ def requeue(study: Any) -> None:
             study.enqueue_trial({"point": i}, user_attrs={"requeued": True})
 
 
+def retry_failed(study: Any) -> list[int]:
+    """Queue once more every point that has an error-failed trial and no finished, queued or running one (after
+    the cause was fixed). Done once per worker start, so a point that fails again stays failed."""
+    from optuna.trial import TrialState
+
+    failed, live = set(), set()
+    for t in study.get_trials(deepcopy=False):
+        point = t.system_attrs.get("fixed_params", {}).get("point")
+        if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING):
+            live.add(point)
+        elif t.state == TrialState.FAIL and "error" in t.user_attrs:
+            failed.add(point)
+    again = sorted(failed - live)
+    for i in again:
+        study.enqueue_trial({"point": i}, user_attrs={"retried": True})
+    return again
+
+
 def _waiting(study: Any) -> bool:
     from optuna.trial import TrialState
 
@@ -310,6 +329,8 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
         trial.set_user_attr("best_epoch", metrics.get("best_epoch"))
         return float(metrics["score"])
 
+    if args.retry_failed and (again := retry_failed(study)):
+        print(f"sweep: retrying failed point(s) {', '.join(str(i + 1) for i in again)}", flush=True)
     ran = 0
     while args.max_trials is None or ran < args.max_trials:
         requeue(study)
