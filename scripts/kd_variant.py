@@ -1,12 +1,14 @@
-"""Rerun only the KD-LoRA arm of docs/results.md with some settings changed, against the same teachers and baselines.
+"""Rerun one arm of docs/results.md (KD-LoRA by default) with some settings changed, against the same other arms.
 
     python scripts/kd_variant.py t1 --set kd-lora.kd.temperature=1
     python scripts/kd_variant.py epochs5 --set kd-lora.train.epochs=5 --seeds 1,2,3
+    python scripts/kd_variant.py lora-e5 --arm lora --set lora.train.epochs=5 --tasks cola
 
-runs/variants/NAME/<task>/seed-<s>/{fft,lora} become links to the finished arms in runs/results, which `kdlora compare`
-reuses, so only kd-lora trains, distilled from the same teacher (its cached logits). The kd-lora runs' small files then
-go to docs/results/variants/NAME, beside links to docs/results/runs, and `kdlora report` writes the variant's tables
-there. The student's architecture is the baseline's, so its inference time is too: nothing is timed again.
+runs/variants/NAME/<task>/seed-<s>/<other arms> become links to the finished arms in runs/results, which `kdlora
+compare` reuses, so only the chosen arm trains (a KD-LoRA student distils from the same teacher, its cached logits).
+That arm's small files then go to docs/results/variants/NAME, beside links to docs/results/runs, and `kdlora report`
+writes the variant's tables there. Settings that change the deployed architecture are not timed again: the variant's
+inference time is the baseline's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kdlora.cli import main as kdlora
 from kdlora.io import read_run
 
 TASKS = "cola,mrpc,stsb,rte,wnli"
+ARMS = ("fft", "lora", "kd-lora")
 
 
 def link(path: Path, target: Path) -> None:
@@ -35,21 +38,23 @@ def link(path: Path, target: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name", help="the variant's directory name under runs/variants and docs/results/variants")
-    p.add_argument("--set", action="append", default=[], help="kd-lora.SECTION.KEY=VALUE, as for kdlora compare")
+    p.add_argument("--arm", default="kd-lora", choices=ARMS[1:], help="the arm that trains again (default kd-lora)")
+    p.add_argument("--set", action="append", default=[], help="ARM.SECTION.KEY=VALUE, as for kdlora compare")
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--results", default="runs/results", help="the baseline's kdlora compare output")
     p.add_argument("--docs", default="docs/results", help="where the baseline's runs were exported (DOCS/runs)")
     args = p.parse_args()
-    if not all(s.startswith("kd-lora.") for s in args.set):
-        sys.exit("kd_variant.py: every --set must be a kd-lora setting; the fft and lora arms are the baseline's")
+    others = [a for a in ARMS if a != args.arm]
+    if not all(s.startswith(f"{args.arm}.") for s in args.set):
+        sys.exit(f"kd_variant.py: every --set must be a {args.arm} setting; the other arms are the baseline's")
 
     results, docs = Path(args.results), Path(args.docs)
     runs, out = Path("runs/variants") / args.name, docs / "variants" / args.name
     tasks, seeds = args.tasks.split(","), args.seeds.split(",")
     for task in tasks:
         for seed in seeds:
-            for arm in ("fft", "lora"):
+            for arm in others:
                 where = Path(task) / f"seed-{seed}" / arm
                 if read_run(results / where) is None or read_run(docs / "runs" / where) is None:
                     sys.exit(f"kd_variant.py: {where} is not finished in both {results} and {docs / 'runs'}")
@@ -65,7 +70,7 @@ def main() -> int:
     )
     if code:
         return code
-    export(runs, out, ["kd-lora"])
+    export(runs, out, [args.arm])
     return kdlora(["report", str(out), "--quiet"])
 
 
