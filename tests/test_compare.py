@@ -67,6 +67,15 @@ def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_
     assert capsys.readouterr().out.count("reusing the finished run") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
 
+    # A tree of links to these runs is the same runs: the kd-lora arm's teacher is reached through a link there.
+    linked = tmp_path / "linked"
+    for d in out.glob("*/seed-1/*"):
+        (linked / d.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+        (linked / d.relative_to(out)).symlink_to(d.resolve())
+    assert main(compare_argv(tiny_bert_dir, tiny_glue, linked, "--set", "kd-lora.train.lr=5e-3")) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 6
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+
     # Another config for a finished arm is refused without --overwrite: one line, nothing retrained.
     assert main(compare_argv(tiny_bert_dir, tiny_glue, out, "--set", "lora.train.lr=1e-3")) == 2
     err = capsys.readouterr().err.strip().splitlines()

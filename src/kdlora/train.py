@@ -115,6 +115,8 @@ def _comparable(cfg: RunConfig | dict) -> dict:
     for key in ("output_dir", "overwrite", "quiet", "resume", "save_steps"):  # settings that leave results alone
         d["train"].pop(key, None)
     d["kd"].pop("no_recompute", None)
+    if d["model"].get("teacher"):  # one teacher reached through a link (a variant's tree) is still the same teacher
+        d["model"]["teacher"] = os.path.realpath(d["model"]["teacher"])
     return d
 
 
