@@ -7,8 +7,8 @@
 runs/variants/NAME/<task>/seed-<s>/<other arms> become links to the finished arms in runs/results, which `kdlora
 compare` reuses, so only the chosen arm trains (a KD-LoRA student distils from the same teacher, its cached logits).
 That arm's small files then go to docs/results/variants/NAME, beside links to docs/results/runs, and `kdlora report`
-writes the variant's tables there. Settings that change the deployed architecture are not timed again: the variant's
-inference time is the baseline's.
+writes the variant's tables there. Nothing is timed again (the report shows no inference time for that arm): merged,
+LoRA settings leave the deployed architecture, and so its inference time, as the baseline's.
 """
 
 from __future__ import annotations

@@ -414,6 +414,7 @@ def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    banded = False
     for m in _methods(cells):
         if (task, m) not in cells:
             continue
@@ -431,6 +432,7 @@ def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
             steps = range(len(mean))
             low, high = [min(v) for v in zip(*smooth, strict=True)], [max(v) for v in zip(*smooth, strict=True)]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, lw=0)
+            banded = True
         else:
             ax.plot(curves[0], color=line.get_color(), alpha=0.15, lw=0.6)
         task_curves = _curves(runs, "train_loss_task") if m == "kd-lora" else []
@@ -439,7 +441,8 @@ def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
             ax.plot(task_mean, color=line.get_color(), ls="--", lw=1.2, label="kd-lora, task loss only")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_title(f"Training loss on {task} (moving average; band: min-max over seeds)")
+    shade = "band: min-max over seeds" if banded else "raw steps faint"
+    ax.set_title(f"Training loss on {task} (moving average; {shade})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
