@@ -1,8 +1,10 @@
 """KD-LoRA training step / plain LoRA training step, on the same student and the same batches (goal <= 1.05).
 
-With cached teacher logits the KD step adds only a [B, C] tensor and a KL term to the LoRA step. Both arms train
-their own copy of the student (MiniLM-L6 layers 0,2,4, LoRA r=8 on query/value + head) on identical length-grouped
-CoLA batches; the arms alternate batch by batch so drift hits both; the median step time of each is compared.
+Both arms run the training loop's own step (kdlora.train.TrainStep: forward, objective, backward, clipping, fused
+AdamW, schedule), each on its own copy of the student (MiniLM-L6 layers 0,2,4, LoRA r=8 on query/value + head), on
+identical length-grouped CoLA batches from the loop's own loaders. The KD arm's batches carry teacher logits as the
+cache hands them to the loop: with them the step adds only a [B, C] tensor and a KL term. The arms alternate batch by
+batch so drift hits both; the median step time of each is compared.
 
     python benchmarks/kd_step_overhead.py [--batches 60 --repeats 3]
 """
@@ -10,17 +12,20 @@ CoLA batches; the arms alternate batch by batch so drift hits both; the median s
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import time
 
 import torch
 from _common import Report, layers, parser
+from accelerate.utils import send_to_device
+from transformers import get_linear_schedule_with_warmup
 
-from kdlora.config import DataArgs, LoraArgs
-from kdlora.data import Collator, LengthGroupedBatchSampler, TokenizedDataset, load_splits
-from kdlora.losses import distillation_loss, task_loss
-from kdlora.models import add_lora, keep_layers, load_classifier
+from kdlora.config import DataArgs, KDArgs, LoraArgs, TrainArgs
+from kdlora.data import build_loaders, load_splits
+from kdlora.models import build_model
 from kdlora.tasks import get_task
+from kdlora.train import TrainStep, build_accelerator, build_optimizer
 
 
 def main() -> None:
@@ -29,44 +34,41 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
-    task = get_task("cola")
+    task, tc = get_task("cola"), TrainArgs(method="kd-lora", batch_size=args.batch_size)
     torch.manual_seed(0)
-    base, tokenizer = load_classifier(args.teacher, task)
-    student = add_lora(keep_layers(base, layers(args.student_layers)), LoraArgs(r=8))
-    arms = {"lora": student, "kd-lora": copy.deepcopy(student)}
-    optims = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-4) for k, m in arms.items()}
+    accelerator = build_accelerator(tc)
+    student, tokenizer = build_model(args.teacher, task, "kd-lora", LoraArgs(r=8), layers=layers(args.student_layers))
+    steps = {}
+    for method, model in (("lora", student), ("kd-lora", copy.deepcopy(student))):
+        optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10 * args.batches * args.repeats)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        steps[method] = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), False, tc.max_grad_norm)
+        model.train()
 
-    examples = load_splits(DataArgs(task="cola", data_dir=args.data_dir), ["train"])["train"]
-    ds = TokenizedDataset(examples, tokenizer, 128)
-    ds.teacher_logits = torch.randn(len(ds), task.num_labels)  # stands in for the cache: same shape, same lookup
-    collate = Collator(tokenizer, regression=False)
-    order = list(LengthGroupedBatchSampler(ds.lengths, args.batch_size, seed=0))
-    batches = [collate([ds[i] for i in idx]) for idx in order[: args.batches + 5]]
+    splits = load_splits(DataArgs(task="cola", data_dir=args.data_dir, max_eval_samples=1), ["train", "validation"])
+    cache = torch.randn(len(splits["train"]), task.num_labels)  # stands in for the cache: same shape, same lookup
+    row = {e.id: i for i, e in enumerate(splits["train"])}
+    loaders = build_loaders(splits, tokenizer, task, 128, args.batch_size, 64, seed=0,
+                            teacher_rows=lambda ids: cache[[row[i] for i in ids]])  # fmt: skip
+    kd_batches = [send_to_device(b, accelerator.device) for b in itertools.islice(loaders.train, args.batches + 5)]
+    lora_batches = [b._replace(teacher_logits=None) for b in kd_batches]  # the same batches without a teacher
 
-    def step(method: str, batch: dict[str, torch.Tensor]) -> float:
-        model, opt = arms[method], optims[method]
-        inputs = {k: v for k, v in batch.items() if k not in ("idx", "labels", "teacher_logits")}
+    def timed(method: str, batch) -> float:
         start = time.perf_counter()
-        logits = model(**inputs).logits
-        if method == "lora":
-            loss = task_loss(logits, batch["labels"], regression=False)
-        else:
-            loss = distillation_loss(logits, batch["teacher_logits"], batch["labels"])[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        steps[method](batch)
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for m in arms.values():
-        m.train()
-    for b in batches[:5]:  # warm-up
-        step("lora", b), step("kd-lora", b)
+    for lb, kb in zip(lora_batches[:5], kd_batches[:5], strict=True):  # warm-up
+        timed("lora", lb), timed("kd-lora", kb)
     medians = {"lora": [], "kd-lora": []}
     for _ in range(args.repeats):
         times = {"lora": [], "kd-lora": []}
-        for b in batches[5:]:
-            for method in ("lora", "kd-lora"):
-                times[method].append(step(method, b))
+        for lb, kb in zip(lora_batches[5:], kd_batches[5:], strict=True):
+            times["lora"].append(timed("lora", lb))
+            times["kd-lora"].append(timed("kd-lora", kb))
         for method in times:
             medians[method].append(statistics.median(times[method]))
     lora_ms, kd_ms = 1000 * statistics.median(medians["lora"]), 1000 * statistics.median(medians["kd-lora"])
@@ -74,7 +76,7 @@ def main() -> None:
     report.line("lora_step_ms", lora_ms, "ms")
     report.line("kdlora_step_ms", kd_ms, "ms")
     report.line("kdlora_over_lora_step_ratio", kd_ms / lora_ms, "(goal <= 1.05)", ".3f")
-    report.write(batches=args.batches, repeats=args.repeats, batch_size=args.batch_size)
+    report.write(batches=args.batches, repeats=args.repeats, batch_size=args.batch_size, step="kdlora.train.TrainStep")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ import shutil
 from pathlib import Path
 
 from kdlora.report import find_runs
-
-FILES = ("config.yaml", "metrics.json", "inference.json", "merged/config.json")
+from kdlora.rundir import SMALL_FILES
 
 
 def export(src: Path, dst: Path, methods: list[str] | None = None) -> None:
@@ -25,7 +24,7 @@ def export(src: Path, dst: Path, methods: list[str] | None = None) -> None:
     runs, unfinished = find_runs(src)
     runs = [r for r in runs if not methods or r.method in methods]
     for run in runs:
-        for name in FILES:
+        for name in SMALL_FILES:
             if (run.path / name).is_file():
                 target = dst / run.path.relative_to(src) / name
                 target.parent.mkdir(parents=True, exist_ok=True)

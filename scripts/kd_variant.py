@@ -21,7 +21,7 @@ from pathlib import Path
 from export_runs import export
 
 from kdlora.cli import main as kdlora
-from kdlora.io import read_run
+from kdlora.rundir import read_run
 
 TASKS = "cola,mrpc,stsb,rte,wnli"
 ARMS = ("fft", "lora", "kd-lora")

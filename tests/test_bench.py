@@ -9,7 +9,7 @@ def test_bench_on_a_tiny_pair_writes_every_field(tmp_path, tiny_bert_dir, tiny_g
     code = main(
         [
             "bench",
-            "--teacher",
+            "--teacher-model",
             str(tiny_bert_dir),
             "--student-layers",
             "0,2",
@@ -48,3 +48,12 @@ def test_bench_on_a_tiny_pair_writes_every_field(tmp_path, tiny_bert_dir, tiny_g
 def test_child_process_memory_is_positive(tiny_bert_dir):
     args = BenchArgs(teacher=str(tiny_bert_dir), student_layers=[0], batch_size=2, seq_len=8, train_steps=1)
     assert measure_in_child(args, "kd-lora", 2)["peak_mb"] > 0
+
+
+def test_bench_teacher_keeps_working_with_a_deprecation_notice(tmp_path, tiny_bert_dir, tiny_glue, capsys):
+    argv = ["bench", "--teacher", str(tiny_bert_dir), "--student-layers", "0", "--data-dir", str(tiny_glue)]
+    argv += ["--ranks", "2", "--runs", "1", "--warmup", "0", "--skip-memory", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher is deprecated" in err[0] and "--teacher-model" in err[0]
+    assert json.loads((tmp_path / "bench.json").read_text())["config"]["teacher"] == str(tiny_bert_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from kdlora.cli import main
-from kdlora.io import read_run
+from kdlora.rundir import read_run
 
 ARMS = ("fft", "lora", "kd-lora")
 

@@ -54,3 +54,38 @@ def test_bad_yaml_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(KdloraError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_help_and_one_flag_and_the_cli_has_them_all():
+    import dataclasses
+
+    from kdlora.cli import build_parser
+    from kdlora.config import SECTIONS, flags
+
+    table = flags()
+    fields = [(s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    assert sorted((f.section, f.name) for f in table.values()) == sorted(fields)  # one flag per field
+    assert all(f.help for f in table.values())
+    assert table["--rank"].name == "r" and table["--model"].name == "name" and table["--quiet"].is_bool
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert all(flag in train_help for flag in table)
+
+
+def test_settings_that_leave_results_alone_are_not_compared(tmp_path):
+    import yaml
+
+    from kdlora.config import comparable
+    from kdlora.rundir import same_config
+
+    cfg = load_config(None, {"model": {"name": "m"}, "train": {"method": "lora", "output_dir": str(tmp_path)}})
+    kept = comparable(cfg)
+    assert "output_dir" not in kept["train"] and "save_steps" not in kept["train"] and "seed" in kept["train"]
+    assert "no_recompute" not in kept["kd"]
+    stored = cfg.to_dict()
+    stored["train"].update(output_dir="elsewhere", quiet=True, save_steps=7)
+    del stored["lora"]["lora_dropout"]  # written by a version before the field: its default is no difference
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert same_config(tmp_path, cfg)
+    stored["train"]["lr"] = 1.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert not same_config(tmp_path, cfg)

@@ -83,7 +83,9 @@ def test_dynamic_padding_pads_to_longest_in_batch(tmp_path):
     tok = make_tokenizer(tmp_path)
     ds = TokenizedDataset([Example(0, "the cat", None, 1), Example(1, "the big red dog runs", None, 0)], tok, 128)
     batch = Collator(tok, regression=False)([ds[0], ds[1]])
-    assert batch["input_ids"].shape == (2, max(ds.lengths)) and max(ds.lengths) < 128
+    assert batch.inputs["input_ids"].shape == (2, max(ds.lengths)) and max(ds.lengths) < 128
+    assert set(batch.inputs) == {"input_ids", "token_type_ids", "attention_mask"}  # model inputs only
+    assert batch.ids.tolist() == [0, 1] and batch.labels.tolist() == [1, 0] and batch.teacher_logits is None
     long = TokenizedDataset([Example(0, " ".join(["cat"] * 50), None, 1)], tok, max_length=16)
     assert long.lengths == [16]
 
@@ -120,8 +122,8 @@ def test_teacher_logits_stay_with_their_example_under_shuffling(tmp_path):
     )
     seen = 0
     for batch in loader:
-        assert torch.equal(batch["teacher_logits"][:, 0], batch["idx"].float())
-        seen += len(batch["idx"])
+        assert torch.equal(batch.teacher_logits[:, 0], batch.ids.float())
+        seen += len(batch.ids)
     assert seen == 50
     with pytest.raises(KdloraError, match="missing"):
         cache.rows_for([5])
@@ -134,3 +136,27 @@ def test_regression_label_must_be_a_finite_number(tmp_path):
         (tmp_path / "STS-B" / "train.tsv").write_text(header + f"0\tg\tf\ty\t0\tn\tn\ta cat\ta dog\t{bad}\n")
         with pytest.raises(KdloraError, match="not a finite number"):
             load_splits(DataArgs(task="stsb", data_dir=str(tmp_path)), ["train"])
+
+
+def test_build_loaders_carry_teacher_logits_by_example_id(tmp_path):
+    """The loop's own loaders: the train loader shuffles, every batch still meets its own teacher rows; the eval
+    loaders cover each evaluation split once and carry no teacher targets."""
+    from kdlora.data import build_loaders
+    from kdlora.teacher import TeacherLogits
+
+    tok, task = make_tokenizer(tmp_path), get_task("cola")
+    examples = [Example(500 + i, " ".join(["dog"] * (i % 5 + 1)), None, i % 2) for i in range(40)]
+    ids = torch.tensor([e.id for e in examples]).flip(0)  # the cache in another order
+    cache = TeacherLogits(ids, torch.stack([ids.float(), -ids.float()], dim=1))
+    loaders = build_loaders(
+        {"train": examples, "validation": examples[:9]}, tok, task, 32, 8, 4, seed=3, teacher_rows=cache.rows_for
+    )
+    seen = []
+    for batch in loaders.train:
+        assert torch.equal(batch.teacher_logits[:, 0], batch.ids.float())
+        assert "labels" not in batch.inputs and "idx" not in batch.inputs
+        seen += batch.ids.tolist()
+    assert sorted(seen) == sorted(e.id for e in examples) and seen != sorted(seen)
+    assert set(loaders.eval) == {"validation"}
+    evals = list(loaders.eval["validation"])
+    assert sum(len(b.ids) for b in evals) == 9 and all(b.teacher_logits is None for b in evals)

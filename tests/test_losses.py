@@ -69,3 +69,17 @@ def test_regression_branch_uses_mse():
 def test_losses_compute_in_fp32():
     s, t = torch.randn(4, 2).bfloat16(), torch.randn(4, 2).bfloat16()
     assert kd_loss(s, t).dtype == torch.float32
+
+
+def test_objective_is_the_task_loss_alone_without_a_teacher_and_eq3_with_one():
+    from kdlora.losses import objective
+
+    g = torch.Generator().manual_seed(1)
+    s, t, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = objective(s, y)
+    assert torch.equal(plain.total, task_loss(s, y, False)) and plain.kd.item() == 0.0
+    parts = objective(s, y, t, alpha=0.3, temperature=4.0)
+    ref = distillation_loss(s, t, y, alpha=0.3, temperature=4.0)
+    assert all(torch.equal(a, b) for a, b in zip(parts, ref, strict=True))
+    reg = objective(s[:, :1], y.float(), t[:, :1], alpha=0.5, regression=True)
+    assert torch.allclose(reg.kd, regression_kd_loss(s[:, :1], t[:, :1]))

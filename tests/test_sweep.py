@@ -89,7 +89,9 @@ def study_trials(out: Path, storage: str | None = None) -> list:
 
 
 def point_of(t) -> int | None:
-    return t.system_attrs.get("fixed_params", {}).get("point")
+    from kdlora.sweep import point_of
+
+    return point_of(t)
 
 
 def test_bad_grids_fail_in_one_line(tmp_path, tiny_bert_dir, tiny_glue, capsys):

@@ -7,13 +7,13 @@ Methods, as in the paper's Table 2:
   so its training step holds no teacher.
 The models are built from the checkpoints (untrained heads and zero-initialised LoRA B): costs do not depend on the
 trained values. Peak memory is measured in a fresh child process per method that does only that method's training
-steps; inference is timed over the task's validation set, the arms interleaved run by run.
+steps, through the training loop's own step; inference is timed over the task's validation set, the arms interleaved
+run by run.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,12 +25,11 @@ from typing import Any
 
 import torch
 
-from kdlora.config import LoraArgs
+from kdlora.config import METHODS, LoraArgs
+from kdlora.env import default_device, peak_memory, peak_rss_mb, reset_peak_memory
 from kdlora.errors import KdloraError
-from kdlora.models import add_lora, count_parameters, deployed_parameters, keep_layers, load_classifier, merge
+from kdlora.models import build_model, count_parameters, deployed_parameters, merge
 from kdlora.tasks import Task, get_task
-
-METHODS = ("fft", "lora", "kd-lora")
 
 
 @dataclass
@@ -54,17 +53,16 @@ class BenchArgs:
 
 
 def build(args: BenchArgs, method: str, rank: int, task: Task) -> tuple[torch.nn.Module, Any]:
-    """The model that `method` trains, at LoRA rank `rank`, with its tokenizer."""
+    """The model that `method` trains, at LoRA rank `rank`, with its tokenizer (models.build_model, as in training)."""
     torch.manual_seed(0)
-    if method == "kd-lora" and args.student:
-        model, tokenizer = load_classifier(args.student, task)
-    else:
-        model, tokenizer = load_classifier(args.teacher, task)
-        if method == "kd-lora":
-            keep_layers(model, args.student_layers)
-    if method != "fft":
-        model = add_lora(model, LoraArgs(r=rank, lora_alpha=2 * rank, lora_dropout=0.0))
-    return model, tokenizer
+    student = method == "kd-lora"
+    return build_model(
+        args.student if student and args.student else args.teacher,
+        task,
+        method,
+        LoraArgs(r=rank, lora_alpha=2 * rank, lora_dropout=0.0),
+        layers=args.student_layers if student and not args.student else None,
+    )
 
 
 def merged_size_bytes(model: torch.nn.Module) -> int:
@@ -100,55 +98,39 @@ def parameter_rows(args: BenchArgs, task: Task) -> list[dict[str, Any]]:
 
 
 def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
-    """Run `args.train_steps` training steps of `method` on full-length random batches; return this process's peak."""
-    task = get_task(args.task)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Run `args.train_steps` steps of `method` through the training loop's own step (train.TrainStep) on full-length
+    random batches; return this process's peak memory. KD-LoRA's batches carry teacher logits, as the cached logits
+    reach the loop: one [B, C] tensor, no teacher in memory."""
+    from accelerate.utils import send_to_device
+    from transformers import get_linear_schedule_with_warmup
+
+    from kdlora.config import KDArgs, TrainArgs
+    from kdlora.data import Batch
+    from kdlora.train import TrainStep, build_accelerator, build_optimizer
+
+    task, tc = get_task(args.task), TrainArgs(method=method)
+    accelerator = build_accelerator(tc)
     model, _ = build(args, method, rank, task)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, args.train_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), task.is_regression, tc.max_grad_norm)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if accelerator.device.type == "cuda":  # on CPU the peak is the whole child's: it does nothing else
+        reset_peak_memory(accelerator.device)
+    model.train()
     for _ in range(args.train_steps):
         ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (args.batch_size, args.seq_len), generator=g)
-        labels = torch.randint(0, task.num_labels, (args.batch_size,), generator=g)
-        logits = model(input_ids=ids.to(device)).logits
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels.to(device))
-        if method == "kd-lora":  # the cached teacher logits are one [B, C] tensor: no teacher in memory
-            from kdlora.losses import distillation_loss
-
-            teacher = torch.randn(args.batch_size, task.num_labels, generator=g).to(device)
-            loss = distillation_loss(logits, teacher, labels.to(device))[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    if device.type == "cuda":
-        return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20, "kind": "cuda_max_allocated"}
-    return {"peak_mb": peak_rss_mb(), "kind": "process_peak_rss"}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Linux's VmHWM belongs to the process image since its exec, whereas
-    ru_maxrss also carries the parent's size at fork: a child of a large parent would report the parent."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    """Start this process's peak-RSS count afresh from its current RSS (Linux; elsewhere a no-op), so that a peak
-    read later covers only what ran since: e.g. a training loop, not the teacher-logit pass before it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+        batch = Batch(
+            inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            ids=torch.arange(args.batch_size),
+            labels=torch.randint(0, task.num_labels, (args.batch_size,), generator=g),
+            teacher_logits=torch.randn(args.batch_size, task.num_labels, generator=g) if method == "kd-lora" else None,
+        )
+        step(send_to_device(batch, accelerator.device))
+    peak, kind = peak_memory(accelerator.device)
+    return {"peak_mb": peak, "kind": kind}
 
 
 def measure_in_child(args: BenchArgs, method: str | None, rank: int = 8) -> dict[str, Any]:
@@ -189,11 +171,7 @@ def inference_batches(args: BenchArgs, tokenizer: Any) -> list[dict[str, torch.T
     examples = load_splits(data, [task.eval_splits[0]])[task.eval_splits[0]]
     ds = TokenizedDataset(examples, tokenizer, args.max_length)
     collate = Collator(tokenizer, task.is_regression)
-    batches = []
-    for idx in eval_batches(ds.lengths, args.eval_batch_size):
-        batch = collate([ds[i] for i in idx])
-        batches.append({k: v for k, v in batch.items() if k not in ("idx", "labels")})
-    return batches
+    return [collate([ds[i] for i in idx]).inputs for idx in eval_batches(ds.lengths, args.eval_batch_size)]
 
 
 @torch.inference_mode()
@@ -205,7 +183,7 @@ def time_passes(
 ) -> dict[str, dict[str, float]]:
     """Seconds per full pass over `batches` (one list for all, or one per model, e.g. when tokenizers differ), per
     model: warm-up, then `runs` passes, the models interleaved run by run so that drift hits them alike."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     for m in models.values():
         m.to(device).eval()
     per_model = batches if isinstance(batches, dict) else {name: batches for name in models}

@@ -1,6 +1,6 @@
 """Training checkpoints: everything a killed run needs to continue exactly where it stopped.
 
-`OUTPUT/checkpoint/` holds
+The run directory's `checkpoint/` holds
 - trainable.safetensors: the trainable parameters (LoRA + head, or the whole model for fft);
 - best.safetensors: the best epoch's trainable parameters so far;
 - state.pt: optimizer and scheduler state (plain tensors and numbers, read back with weights_only=True);
@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_dir
-
-CHECKPOINT_DIR = "checkpoint"
+from kdlora.rundir import checkpoint_dir
 
 
 @dataclass
@@ -70,12 +69,12 @@ def save_checkpoint(out: Path, ckpt: Checkpoint) -> None:
         save_file(ckpt.rng, str(d / "rng.safetensors"))
         (d / "progress.json").write_text(json.dumps(ckpt.progress.__dict__))
 
-    atomic_write_dir(out / CHECKPOINT_DIR, write)
+    atomic_write_dir(checkpoint_dir(out), write)
 
 
 def load_checkpoint(out: Path) -> Checkpoint | None:
     """The checkpoint in `out`, or None when there is none. A damaged one is an error, never a silent restart."""
-    d = out / CHECKPOINT_DIR
+    d = checkpoint_dir(out)
     if not (d / "progress.json").is_file():
         return None
     try:

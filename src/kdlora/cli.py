@@ -15,70 +15,21 @@ from typing import Any
 
 from kdlora.errors import KdloraError
 
-# flag -> config field; every flag is optional and overrides the YAML file, which overrides the defaults.
-TRAIN_FLAGS: dict[str, tuple[str, str, str]] = {
-    "--method": ("train", "method", "fft | lora | kd-lora"),
-    "--task": ("data", "task", "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"),
-    "--model": ("model", "name", "model to train (fft, lora) or student base (kd-lora): path or hub id"),
-    "--output-dir": ("train", "output_dir", "run directory"),
-    "--data-dir": ("data", "data_dir", "GLUE TSV directory (e.g. ../shared/glue) or save_to_disk directory"),
-    "--dataset": ("data", "dataset", "Hugging Face dataset used without --data-dir (default nyu-mll/glue)"),
-    "--max-length": ("data", "max_length", "truncate inputs to this many tokens (default 128)"),
-    "--max-train-samples": ("data", "max_train_samples", "use only the first N training examples"),
-    "--max-eval-samples": ("data", "max_eval_samples", "use only the first N examples of each eval split"),
-    "--epochs": ("train", "epochs", "training epochs"),
-    "--lr": ("train", "lr", "peak learning rate (default 5e-5 for fft, 5e-4 for LoRA methods)"),
-    "--batch-size": ("train", "batch_size", "training batch size"),
-    "--eval-batch-size": ("train", "eval_batch_size", "evaluation batch size"),
-    "--weight-decay": ("train", "weight_decay", "AdamW weight decay"),
-    "--warmup-ratio": ("train", "warmup_ratio", "fraction of steps with linear warmup"),
-    "--grad-accum-steps": ("train", "grad_accum_steps", "micro-batches per optimizer step"),
-    "--max-grad-norm": ("train", "max_grad_norm", "gradient clipping norm (0 disables)"),
-    "--seed": ("train", "seed", "random seed"),
-    "--mixed-precision": ("train", "mixed_precision", "no | bf16 | fp16"),
-    "--rank": ("lora", "r", "LoRA rank r"),
-    "--lora-alpha": ("lora", "lora_alpha", "LoRA alpha (scale = alpha / r)"),
-    "--lora-dropout": ("lora", "lora_dropout", "LoRA dropout"),
-    "--target-modules": ("lora", "target_modules", "comma-separated module names (default: query/value)"),
-    "--teacher": ("model", "teacher", "kd-lora: a finished fft run directory"),
-    "--teacher-model": ("model", "teacher_model", "kd-lora: fine-tune this model as the teacher first"),
-    "--student-layers": ("model", "student_layers", "kd-lora: build the student from these teacher layers, e.g. 0,2,4"),
-    "--student-init": ("model", "student_init", "pretrained | teacher: take those layers from which checkpoint"),
-    "--alpha": ("kd", "alpha", "weight of the task loss (1-alpha weighs the KD loss)"),
-    "--temperature": ("kd", "temperature", "distillation temperature T"),
-    "--teacher-lr": ("kd", "teacher_lr", "learning rate of the teacher trained by --teacher-model"),
-    "--teacher-epochs": ("kd", "teacher_epochs", "epochs of that teacher (default: --epochs)"),
-    "--save-steps": ("train", "save_steps", "checkpoint every N optimizer steps and at each epoch end (default 500)"),
-}
-BOOL_FLAGS: dict[str, tuple[str, str, str]] = {
-    "--overwrite": ("train", "overwrite", "replace a finished run in --output-dir"),
-    "--resume": ("train", "resume", "continue the unfinished run in --output-dir (the same command does it too)"),
-    "--no-recompute": (
-        "kd",
-        "no_recompute",
-        "fail instead of recomputing teacher logits when the cache does not match",
-    ),
-    "--quiet": ("train", "quiet", "no progress bars"),
-    "--trust-remote-code": ("model", "trust_remote_code", "let model repositories run their own code"),
-}
-
+# The flags of `train` (and demo, sweep) are generated from the config fields' metadata (kdlora.config.flags).
 # compare: flags that set one config value for every arm.
-COMPARE_COMMON_FLAGS = {
-    f: TRAIN_FLAGS[f]
-    for f in (
-        "--epochs",
-        "--batch-size",
-        "--max-train-samples",
-        "--max-eval-samples",
-        "--max-length",
-        "--rank",
-        "--lora-alpha",
-        "--alpha",
-        "--temperature",
-        "--mixed-precision",
-        "--save-steps",
-    )
-}
+COMPARE_COMMON_FLAGS = (
+    "--epochs",
+    "--batch-size",
+    "--max-train-samples",
+    "--max-eval-samples",
+    "--max-length",
+    "--rank",
+    "--lora-alpha",
+    "--alpha",
+    "--temperature",
+    "--mixed-precision",
+    "--save-steps",
+)
 
 # The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student.
 # The student starts from the fine-tuned teacher's layers: all-MiniLM-L6-v2 was trained for mean-pooled embeddings, and
@@ -98,19 +49,24 @@ DEMO_QUICK = {
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from kdlora.config import flags
+
     p.add_argument("--config", help="YAML file with model/data/lora/kd/train sections; flags override it")
-    for flag, (_, _, help_text) in TRAIN_FLAGS.items():
-        p.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
-    for flag, (_, _, help_text) in BOOL_FLAGS.items():
-        p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+    for f in flags().values():
+        if f.is_bool:
+            p.add_argument(f.flag, action="store_true", default=argparse.SUPPRESS, help=f.help)
+        else:
+            p.add_argument(f.flag, default=argparse.SUPPRESS, help=f.help)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from kdlora.config import flags
+
     out: dict[str, dict[str, Any]] = {}
-    for flag, (section, key, _) in {**TRAIN_FLAGS, **BOOL_FLAGS}.items():
-        dest = flag.lstrip("-").replace("-", "_")
+    for f in flags().values():
+        dest = f.flag.lstrip("-").replace("-", "_")
         if dest in vars(args):
-            out.setdefault(section, {})[key] = getattr(args, dest)
+            out.setdefault(f.section, {})[f.name] = getattr(args, dest)
     return out
 
 
@@ -140,9 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="also write the metrics to this JSON file")
 
+    _add_protocol_parsers(sub)
+
+    p = sub.add_parser("report", help="Table 1, Table 2, Figure 2 and CSVs from finished run directories")
+    p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
+    p.add_argument("--top-k", type=int, default=6, help="configs in the median when a task and method has several")
+    p.add_argument("--task", help="task of Table 2 and Figure 2 (default cola when present)")
+    p.add_argument("--output-dir", help="write the report here instead of into RUNS_DIR")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="write GLUE test-set submission files (CoLA.tsv, ...)")
+    p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data-dir")
+    p.add_argument("--dataset", default="nyu-mll/glue")
+    p.add_argument("--output-dir", required=True, help="directory for the submission TSV(s)")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+def _add_protocol_parsers(sub: Any) -> None:
+    """bench, compare and sweep: the commands that run many trainings or time them."""
     p = sub.add_parser("bench", help="parameters per rank, size, peak training memory and inference time per method")
-    p.add_argument("--teacher", default="all-MiniLM-L6-v2", help="teacher checkpoint (default: the packaged MiniLM)")
-    p.add_argument("--student", help="student checkpoint (default: --student-layers of the teacher)")
+    p.add_argument(
+        "--teacher-model", default="all-MiniLM-L6-v2", help="teacher checkpoint (default: the packaged MiniLM)"
+    )
+    p.add_argument("--teacher", dest="deprecated_teacher", help=argparse.SUPPRESS)  # the old name of --teacher-model
+    p.add_argument("--student-model", "--student", help="student checkpoint (default: --student-layers of the teacher)")
     p.add_argument("--student-layers", default="0,2,4")
     p.add_argument("--task", default="cola")
     p.add_argument("--data-dir", help="GLUE data for the inference timing (default ../shared/glue when present)")
@@ -178,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARM.SECTION.KEY=VALUE",
         help="one setting of one arm (or 'common'), e.g. --set kd-lora.train.lr=2e-3; repeatable",
     )
-    for flag, (_, _, help_text) in COMPARE_COMMON_FLAGS.items():
-        p.add_argument(flag, help=f"{help_text} (every arm)")
+    from kdlora.config import flags
+
+    for flag in COMPARE_COMMON_FLAGS:
+        p.add_argument(flag, help=f"{flags()[flag].help} (every arm)")
     p.add_argument("--inference-runs", type=int, default=10, help="timed passes over the validation set per arm")
     p.add_argument("--overwrite", action="store_true", help="retrain finished arms whose config changed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -200,42 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-failed", action="store_true", help="run again the points that failed with an error (once each)"
     )
 
-    p = sub.add_parser("report", help="Table 1, Table 2, Figure 2 and CSVs from finished run directories")
-    p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
-    p.add_argument("--top-k", type=int, default=6, help="configs in the median when a task and method has several")
-    p.add_argument("--task", help="task of Table 2 and Figure 2 (default cola when present)")
-    p.add_argument("--output-dir", help="write the report here instead of into RUNS_DIR")
-    p.add_argument("--quiet", action="store_true")
-
-    p = sub.add_parser("predict", help="write GLUE test-set submission files (CoLA.tsv, ...)")
-    p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
-    p.add_argument("--task", required=True)
-    p.add_argument("--data-dir")
-    p.add_argument("--dataset", default="nyu-mll/glue")
-    p.add_argument("--output-dir", required=True, help="directory for the submission TSV(s)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
-    return parser
-
 
 def _train_values(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Config sections from the lowest layer up: a preset, the --config YAML file, the flags."""
-    from kdlora.config import read_yaml
+    from kdlora.config import layered, read_yaml
 
-    values: dict[str, dict[str, Any]] = {}
-    for layer in (preset or {}, read_yaml(args.config) if args.config else {}, _overrides(args)):
-        for section, items in layer.items():
-            values.setdefault(section, {}).update(items or {})
-    return values
+    return layered(preset, read_yaml(args.config) if args.config else {}, _overrides(args))
 
 
 def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> int:
     from kdlora.config import load_config
-    from kdlora.train import process_state, run
+    from kdlora.env import is_main_process
+    from kdlora.train import run
 
     cfg = load_config(None, _train_values(args, preset))
     metrics = run(cfg)
-    if process_state().is_main_process:
+    if is_main_process():
         _print_summary(metrics, Path(cfg.train.output_dir))
     return 0
 
@@ -267,60 +230,33 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         f"parameters: {metrics['trainable_params']:,} trainable of {metrics['total_params']:,}{lora}; "
         f"trained in {metrics['train_seconds']:.0f} s, peak memory {metrics['peak_memory_mb']:.0f} MB"
     )
-    parts = ", ".join(str(out / p) for p in ("adapter", "merged", "metrics.json", "config.yaml") if (out / p).exists())
-    print(f"artefacts: {parts}")
+    from kdlora.rundir import artefacts
+
+    print(f"artefacts: {', '.join(str(p) for p in artefacts(out))}")
 
 
-def _load_saved(model_dir: str, task_name: str) -> tuple[Any, Any, Any]:
-    from transformers import AutoModelForSequenceClassification
-
-    from kdlora.io import read_run
-    from kdlora.models import load_tokenizer
-    from kdlora.tasks import get_task
-
-    task, path = get_task(task_name), Path(model_dir)
-    if not path.is_dir():
-        raise KdloraError(f"--model-dir {path} does not exist")
-    if (path / "metrics.json").exists() or (path / "config.yaml").exists():
-        if read_run(path) is None:
-            raise KdloraError(f"{path} is an unfinished run: it has no finished metrics.json")
-        path = path / "merged"
-    if not (path / "config.json").is_file():
-        raise KdloraError(f"{path} is not a model directory (no config.json)")
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    if model.config.num_labels != task.num_labels:
-        raise KdloraError(f"{path} has {model.config.num_labels} labels; {task.name} has {task.num_labels}")
-    return task, model, load_tokenizer(str(path))
-
-
-def _loaders(task: Any, tokenizer: Any, args: argparse.Namespace, splits: tuple[str, ...]) -> dict[str, Any]:
+def _eval_data(task: Any, args: argparse.Namespace) -> Any:
     from kdlora.config import DataArgs
-    from kdlora.data import TokenizedDataset, load_splits
-    from kdlora.train import eval_loader
 
-    data = DataArgs(
+    return DataArgs(
         task=task.name,
         data_dir=args.data_dir,
         dataset=args.dataset,
         max_length=args.max_length,
         max_eval_samples=getattr(args, "max_eval_samples", None),
     )
-    examples = load_splits(data, splits)
-    return {
-        s: eval_loader(TokenizedDataset(ex, tokenizer, args.max_length), tokenizer, args.batch_size, task.is_regression)
-        for s, ex in examples.items()
-    }
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
+    from kdlora.evaluate import evaluate, load_saved, split_loaders
     from kdlora.io import atomic_write_json
-    from kdlora.train import evaluate
 
-    task, model, tokenizer = _load_saved(args.model_dir, args.task)
+    task, model, tokenizer = load_saved(args.model_dir, args.task)
     accelerator = Accelerator()
-    loaders = {s: accelerator.prepare(dl) for s, dl in _loaders(task, tokenizer, args, task.eval_splits).items()}
+    loaders = split_loaders(task, tokenizer, _eval_data(task, args), task.eval_splits, args.batch_size)
+    loaders = {s: accelerator.prepare(dl) for s, dl in loaders.items()}
     metrics = {"task": task.name, **evaluate(accelerator.prepare(model), loaders, task, accelerator)}
     print(json.dumps(metrics, indent=2))
     if args.output:
@@ -331,23 +267,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from kdlora.io import atomic_write_text
-    from kdlora.train import predict
+    from kdlora.evaluate import load_saved, predict, split_loaders, write_submission
 
-    task, model, tokenizer = _load_saved(args.model_dir, args.task)
+    task, model, tokenizer = load_saved(args.model_dir, args.task)
     accelerator = Accelerator()
     model = accelerator.prepare(model)
     for split, name in zip(task.test_splits, task.submission, strict=True):
-        loader = accelerator.prepare(_loaders(task, tokenizer, args, (split,))[split])
-        out = predict(model, loader, accelerator, task.is_regression)
-        rows = sorted(zip(out["ids"].tolist(), out["preds"].tolist(), strict=True))
-        if task.is_regression:  # STS-B scores live in [0, 5]
-            lines = [f"{i}\t{min(max(p, 0.0), 5.0):.3f}" for i, p in rows]
-        else:
-            lines = [f"{i}\t{task.labels[int(p)]}" for i, p in rows]
+        loader = split_loaders(task, tokenizer, _eval_data(task, args), (split,), args.batch_size)[split]
+        out = predict(model, accelerator.prepare(loader), accelerator, task.is_regression)
         path = Path(args.output_dir) / name
-        atomic_write_text(path, "index\tprediction\n" + "\n".join(lines) + "\n")
-        print(f"wrote {len(lines)} predictions to {path}")
+        print(f"wrote {write_submission(task, split, out, path)} predictions to {path}")
     return 0
 
 
@@ -364,9 +293,15 @@ def _bench(args: argparse.Namespace) -> int:
     data_dir = args.data_dir
     if data_dir is None and Path("../shared/glue").is_dir():
         data_dir = "../shared/glue"
+    teacher = args.teacher_model
+    if args.deprecated_teacher:
+        print(
+            "kdlora: bench --teacher is deprecated: it is --teacher-model (a checkpoint), as in train", file=sys.stderr
+        )
+        teacher = args.deprecated_teacher
     bench = BenchArgs(
-        teacher=args.teacher,
-        student=args.student,
+        teacher=teacher,
+        student=args.student_model,
         student_layers=ints(args.student_layers, "--student-layers"),
         task=args.task,
         data_dir=data_dir,
@@ -389,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from kdlora.compare import ARMS, CompareArgs, run_compare
-    from kdlora.config import read_yaml
+    from kdlora.config import flags, read_yaml
 
     raw = read_yaml(args.config) if args.config else {}
 
@@ -408,10 +343,10 @@ def _compare(args: argparse.Namespace) -> int:
         common.setdefault("data", {})["data_dir"] = args.data_dir
     # Flags win over the YAML file, the arms' own sections included; --set wins over both.
     settings = []
-    for flag, (section, key, _) in COMPARE_COMMON_FLAGS.items():
+    for flag in COMPARE_COMMON_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            settings.append(("common", section, key, value))
+            settings.append(("common", flags()[flag].section, flags()[flag].name, value))
     if args.student_init:
         settings.append(("kd-lora", "model", "student_init", args.student_init))
     for item in args.set:

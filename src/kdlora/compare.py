@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
-from kdlora.config import RunConfig, build_config
+from kdlora.config import METHODS, RunConfig, build_config, layered
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_json, read_run
+from kdlora.rundir import merged_dir, read_inference, read_run, same_config, write_inference
 from kdlora.tasks import get_task
 
-ARMS = ("fft", "lora", "kd-lora")
+ARMS = METHODS  # one arm per method
 ERROR_FILE_ENV = "KDLORA_ERROR_FILE"  # a child `kdlora train` writes its one-line error here instead of stderr
 
 
@@ -76,10 +76,7 @@ def arm_dir(args: CompareArgs, task: str, seed: int, arm: str) -> Path:
 
 def arm_config(args: CompareArgs, task: str, seed: int, arm: str) -> RunConfig:
     """defaults < common settings < the arm's own settings < what the arm is (method, models, task, seed, directory)."""
-    values: dict[str, dict[str, Any]] = {}
-    for layer in (args.common, args.arms[arm]):
-        for section, items in copy.deepcopy(layer).items():
-            values.setdefault(section, {}).update(items)
+    values = layered(args.common, args.arms[arm])
     model = values.setdefault("model", {})
     if arm == "kd-lora":
         model.update(teacher=str(arm_dir(args, task, seed, "fft")), teacher_model=None)
@@ -97,8 +94,6 @@ def arm_config(args: CompareArgs, task: str, seed: int, arm: str) -> RunConfig:
 
 def run_arm(cfg: RunConfig, label: str, force: bool, overwrite: bool) -> tuple[dict[str, Any], bool]:
     """Train one arm in a child `kdlora train`, unless it already finished with this config. (metrics, trained?)"""
-    from kdlora.train import same_config
-
     out = Path(cfg.train.output_dir)
     finished = read_run(out)
     if finished is not None and not force:
@@ -111,7 +106,7 @@ def run_arm(cfg: RunConfig, label: str, force: bool, overwrite: bool) -> tuple[d
     cfg.train.overwrite = finished is not None  # an unfinished run of the same config resumes
     print(f"{label}: training {cfg.train.method} into {out}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        config_path, error_path = Path(tmp) / "config.yaml", Path(tmp) / "error"
+        config_path, error_path = Path(tmp) / "arm.yaml", Path(tmp) / "error"
         config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         env = {**os.environ, ERROR_FILE_ENV: str(error_path)}
         cmd = [sys.executable, "-m", "kdlora", "train", "--config", str(config_path)]
@@ -121,7 +116,7 @@ def run_arm(cfg: RunConfig, label: str, force: bool, overwrite: bool) -> tuple[d
             raise KdloraError(f"{label} failed: {reason}")
     metrics = read_run(out)
     if metrics is None:
-        raise KdloraError(f"{label} ended without a finished metrics.json in {out}")
+        raise KdloraError(f"{label} ended without finishing the run in {out}")
     return metrics, True
 
 
@@ -139,14 +134,13 @@ def _die_with_parent() -> None:
 def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
     """Compute the kd-lora arm's teacher logits here, in the parent, so that its child never loads the teacher: its
     peak memory is then the student's training alone, as in the paper's setting of precomputed logits."""
-    import torch
-
     from kdlora.data import load_splits
+    from kdlora.env import default_device
     from kdlora.teacher import teacher_logits
 
     task = get_task(cfg.data.task)
     train = load_splits(cfg.data, ["train"])["train"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     _, cached = teacher_logits(
         Path(cfg.model.teacher),
         train,
@@ -177,13 +171,13 @@ def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig
     )
     models, batches = {}, {}
     for arm in ARMS:
-        merged = arm_dir(args, task, seed, arm) / "merged"
+        merged = merged_dir(arm_dir(args, task, seed, arm))
         models[arm] = AutoModelForSequenceClassification.from_pretrained(merged)
         batches[arm] = inference_batches(bench, load_tokenizer(str(merged)))
     times = time_passes(models, batches, args.inference_runs, warmup=1)
     for arm in ARMS:
-        atomic_write_json(
-            arm_dir(args, task, seed, arm) / "inference.json",
+        write_inference(
+            arm_dir(args, task, seed, arm),
             {
                 **times[arm],
                 "examples": sum(len(b["input_ids"]) for b in batches[arm]),
@@ -212,7 +206,7 @@ def run_compare(args: CompareArgs) -> Path:
             if stale or not kd_done:
                 cache_teacher_logits(cfgs["kd-lora"], f"[{where}] kd-lora")
             _, kd_trained = run_arm(cfgs["kd-lora"], f"[{where}] kd-lora", stale, args.overwrite)
-            timed = all((arm_dir(args, task, seed, arm) / "inference.json").is_file() for arm in ARMS)
+            timed = all(read_inference(arm_dir(args, task, seed, arm)) is not None for arm in ARMS)
             if args.inference_runs and (fft_trained or lora_trained or kd_trained or not timed):
                 print(f"[{where}] timing the merged models on the validation set", flush=True)
                 time_arms(args, task, seed, cfgs)

@@ -7,10 +7,15 @@ The YAML file mirrors the dataclasses, one mapping per section:
     lora: {r: 8, lora_alpha: 16}
     kd: {alpha: 0.5, temperature: 2.0}
     train: {method: kd-lora, epochs: 3, output_dir: runs/cola}
+
+Each field says everything about itself in its metadata: its help text, its command-line flag (the CLI is generated
+from it) and whether it changes results (settings that do not, such as where a run is written, are left out when two
+runs' configs are compared).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -24,22 +29,30 @@ import yaml
 from kdlora.errors import KdloraError
 
 Method = Literal["fft", "lora", "kd-lora"]
+METHODS: tuple[str, ...] = typing.get_args(Method)  # the one list of methods; everything else reads it from here
 # Default learning rates: full fine-tuning wants a small step, LoRA a larger one (as in the LoRA and KD-LoRA papers).
 DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 5e-4}
 
 
+def arg(default: Any, help: str, *, flag: str | None = None, results: bool = True) -> Any:
+    """A config field: its default, one line of help, its flag (default --field-name), whether it changes results."""
+    return field(default=default, metadata={"help": help, "flag": flag, "results": results})
+
+
 @dataclass
 class ModelArgs:
-    name: str | None = None  # model to train (fft, lora) or the student base (kd-lora); local path or hub id
-    teacher: str | None = None  # kd-lora: a finished fft run directory to distil from
-    teacher_model: str | None = None  # kd-lora: fine-tune this checkpoint with fft first, then distil from it
-    student_layers: list[int] | None = (
-        None  # kd-lora: derive the student from these encoder layers of the teacher checkpoint
+    name: str | None = arg(
+        None, "model to train (fft, lora) or the student base (kd-lora): local path or hub id", flag="--model"
     )
-    student_init: Literal["pretrained", "teacher"] = (
-        "pretrained"  # layers from the pretrained or the fine-tuned teacher
+    teacher: str | None = arg(None, "kd-lora: a finished fft run directory to distil from")
+    teacher_model: str | None = arg(None, "kd-lora: fine-tune this checkpoint with fft first, then distil from it")
+    student_layers: list[int] | None = arg(
+        None, "kd-lora: build the student from these encoder layers of the teacher checkpoint, e.g. 0,2,4"
     )
-    trust_remote_code: bool = False  # allow model repositories to run their own code
+    student_init: Literal["pretrained", "teacher"] = arg(
+        "pretrained", "pretrained | teacher: take --student-layers from the pretrained or the fine-tuned teacher"
+    )
+    trust_remote_code: bool = arg(False, "let model repositories run their own code")
 
     def __post_init__(self) -> None:
         if self.student_layers is not None:
@@ -55,12 +68,15 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    task: str = "cola"  # GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli
-    data_dir: str | None = None  # GLUE TSV directory or a save_to_disk directory; None loads `dataset` with `datasets`
-    dataset: str = "nyu-mll/glue"  # Hugging Face dataset name used when data_dir is not given
-    max_length: int = 128  # truncate inputs to this many tokens; padding is per batch
-    max_train_samples: int | None = None  # keep only the first N training examples
-    max_eval_samples: int | None = None  # keep only the first N examples of each evaluation split
+    task: str = arg("cola", "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    data_dir: str | None = arg(
+        None,
+        "GLUE TSV directory (e.g. ../shared/glue) or a save_to_disk directory; without it `datasets` loads --dataset",
+    )
+    dataset: str = arg("nyu-mll/glue", "Hugging Face dataset used without --data-dir")
+    max_length: int = arg(128, "truncate inputs to this many tokens; batches are padded to their own longest")
+    max_train_samples: int | None = arg(None, "use only the first N training examples")
+    max_eval_samples: int | None = arg(None, "use only the first N examples of each evaluation split")
 
     def __post_init__(self) -> None:
         from kdlora.tasks import get_task
@@ -74,10 +90,12 @@ class DataArgs:
 
 @dataclass
 class LoraArgs:
-    r: int = 8  # LoRA rank
-    lora_alpha: int = 16  # LoRA scale numerator: the update is scaled by lora_alpha / r
-    lora_dropout: float = 0.1  # dropout on the LoRA input
-    target_modules: list[str] | None = None  # module names to adapt; None picks query/value for the architecture
+    r: int = arg(8, "LoRA rank r", flag="--rank")
+    lora_alpha: int = arg(16, "LoRA scale numerator: the update is scaled by lora_alpha / r")
+    lora_dropout: float = arg(0.1, "dropout on the LoRA input")
+    target_modules: list[str] | None = arg(
+        None, "module names or dotted suffixes to adapt (default: the architecture's query/value)"
+    )
 
     def __post_init__(self) -> None:
         _require(self.r > 0, f"rank (r) must be > 0, got {self.r}")
@@ -87,11 +105,11 @@ class LoraArgs:
 
 @dataclass
 class KDArgs:
-    alpha: float = 0.5  # weight of the task loss; 1 - alpha weighs the distillation loss
-    temperature: float = 2.0  # softmax temperature of the distillation loss
-    teacher_lr: float = 5e-5  # learning rate of the fft teacher trained by --teacher-model
-    teacher_epochs: int | None = None  # epochs of that teacher; None uses train.epochs
-    no_recompute: bool = False  # fail instead of recomputing when no cached teacher logits match
+    alpha: float = arg(0.5, "weight of the task loss; 1 - alpha weighs the distillation loss")
+    temperature: float = arg(2.0, "softmax temperature T of the distillation loss")
+    teacher_lr: float = arg(5e-5, "learning rate of the fft teacher trained by --teacher-model")
+    teacher_epochs: int | None = arg(None, "epochs of that teacher (default: --epochs)")
+    no_recompute: bool = arg(False, "fail instead of recomputing when no cached teacher logits match", results=False)
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
@@ -102,22 +120,28 @@ class KDArgs:
 
 @dataclass
 class TrainArgs:
-    method: Method = "kd-lora"  # fft: every parameter; lora: LoRA + head; kd-lora: LoRA + head with distillation
-    output_dir: str = "runs/kdlora"  # where the run writes config.yaml, metrics.json, adapter/ and merged/
-    epochs: int = 3  # passes over the training set
-    lr: float | None = None  # peak learning rate; None picks the method's default
-    batch_size: int = 32  # examples per optimizer step (per process, before accumulation)
-    eval_batch_size: int = 64  # examples per evaluation batch
-    weight_decay: float = 0.01  # AdamW weight decay, not applied to biases and LayerNorm
-    warmup_ratio: float = 0.06  # fraction of steps with linear warmup
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    max_grad_norm: float = 1.0  # gradient clipping threshold; 0 disables
-    seed: int = 42  # fixes data order, dropout, head and LoRA initialisation
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype (bf16 on CUDA is the fast path)
-    overwrite: bool = False  # replace an existing run in output_dir
-    resume: bool = False  # require a checkpointed unfinished run in output_dir (one is resumed anyway when present)
-    save_steps: int = 500  # checkpoint every N optimizer steps (and at every epoch end); 0: epoch ends only
-    quiet: bool = False  # no progress bars
+    method: Method = arg("kd-lora", "fft (every parameter) | lora (LoRA + head) | kd-lora (LoRA + head, distilled)")
+    output_dir: str = arg("runs/kdlora", "the run directory", results=False)
+    epochs: int = arg(3, "passes over the training set")
+    lr: float | None = arg(None, "peak learning rate (default 5e-5 for fft, 5e-4 for the LoRA methods)")
+    batch_size: int = arg(32, "examples per optimizer step (per process, before accumulation)")
+    eval_batch_size: int = arg(64, "examples per evaluation batch")
+    weight_decay: float = arg(0.01, "AdamW weight decay, not applied to biases and LayerNorm")
+    warmup_ratio: float = arg(0.06, "fraction of steps with linear warmup")
+    grad_accum_steps: int = arg(1, "micro-batches per optimizer step")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 disables)")
+    seed: int = arg(42, "fixes data order, dropout, head and LoRA initialisation")
+    mixed_precision: Literal["no", "bf16", "fp16"] = arg(
+        "no", "no | bf16 | fp16 autocast (bf16 on CUDA is the fast path)"
+    )
+    overwrite: bool = arg(False, "replace a finished run in --output-dir", results=False)
+    resume: bool = arg(
+        False, "insist on resuming the unfinished run in --output-dir (the same command resumes anyway)", results=False
+    )
+    save_steps: int = arg(
+        500, "checkpoint every N optimizer steps and at each epoch end (0: epoch ends only)", results=False
+    )
+    quiet: bool = arg(False, "no progress bars", results=False)
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -161,6 +185,47 @@ class RunConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelArgs, "data": DataArgs, "lora": LoraArgs, "kd": KDArgs, "train": TrainArgs}
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag generated from a config field."""
+
+    flag: str  # e.g. --rank
+    section: str  # e.g. lora
+    name: str  # e.g. r
+    help: str
+    is_bool: bool  # a bool field is a switch: the flag sets it true
+
+
+def flags() -> dict[str, Flag]:
+    """Every config field's flag, in section order."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            out[flag] = Flag(flag, section, f.name, f.metadata.get("help", ""), hints[f.name] is bool)
+    return out
+
+
+def comparable(config: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config as nested dicts without the settings that leave results alone (metadata results=False)."""
+    d = config.to_dict() if isinstance(config, RunConfig) else copy.deepcopy(config)
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("results", True):
+                d.get(section, {}).pop(f.name, None)
+    return d
+
+
+def layered(*layers: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Merge config sections from the lowest layer up (a preset, a YAML file, flags): later layers win per key."""
+    values: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, items in (layer or {}).items():
+            values.setdefault(section, {}).update(copy.deepcopy(items) or {})
+    return values
 
 
 def _require(ok: bool, message: str) -> None:
@@ -258,11 +323,7 @@ def read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """Defaults, then the YAML file at `path`, then `overrides` (from command-line flags)."""
-    values: dict[str, dict[str, Any]] = {}
-    for layer in (read_yaml(path) if path else {}, overrides or {}):
-        for section, items in layer.items():
-            values.setdefault(section, {}).update(items or {})
-    return build_config(values)
+    return build_config(layered(read_yaml(path) if path else {}, overrides))
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

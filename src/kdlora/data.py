@@ -7,13 +7,13 @@ are looked up by example and never by batch position.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlora.config import DataArgs
 from kdlora.errors import KdloraError
@@ -191,9 +191,12 @@ def load_splits(args: DataArgs, splits: Sequence[str]) -> dict[str, list[Example
 
 
 class TokenizedDataset(Dataset):
-    """Tokenised examples: each item holds input ids (unpadded), the example id and the label."""
+    """Tokenised examples: each item holds input ids (unpadded), the example id, the label and, when distilling, the
+    teacher's logits for that example."""
 
-    def __init__(self, examples: Sequence[Example], tokenizer: Any, max_length: int) -> None:
+    def __init__(
+        self, examples: Sequence[Example], tokenizer: Any, max_length: int, teacher_logits: torch.Tensor | None = None
+    ) -> None:
         texts_a = [e.text_a for e in examples]
         texts_b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
         enc = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length)
@@ -201,16 +204,27 @@ class TokenizedDataset(Dataset):
         self.ids = [e.id for e in examples]
         self.labels = [e.label for e in examples]
         self.lengths = [len(f["input_ids"]) for f in self.features]
-        self.teacher_logits: torch.Tensor | None = None  # [N, C], row i belongs to example ids[i]
+        self.teacher_logits = teacher_logits  # [N, C], row i belongs to example ids[i]
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item = {**self.features[i], "idx": self.ids[i], "labels": self.labels[i]}
+        item = {"features": self.features[i], "id": self.ids[i], "label": self.labels[i]}
         if self.teacher_logits is not None:
             item["teacher_logits"] = self.teacher_logits[i]
         return item
+
+
+class Batch(NamedTuple):
+    """One collated batch: what the model reads, kept apart from what the loop and the metrics read.
+
+    A NamedTuple, so accelerate moves every tensor in it to the device and shards it like any tuple."""
+
+    inputs: dict[str, torch.Tensor]  # input_ids, attention_mask, ...: [B, L], L the batch's longest sequence
+    ids: torch.Tensor  # [B] example ids
+    labels: torch.Tensor | None  # [B] class ids (long) or regression targets (float); None for unlabelled rows
+    teacher_logits: torch.Tensor | None  # [B, C] the teacher's logits of these examples, when distilling
 
 
 class Collator:
@@ -220,17 +234,21 @@ class Collator:
         self.tokenizer = tokenizer
         self.regression = regression
 
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = torch.tensor([it["idx"] for it in items], dtype=torch.long)
-        labels = [it["labels"] for it in items]
-        feats = [{k: v for k, v in it.items() if k not in ("idx", "labels", "teacher_logits")} for it in items]
-        batch = dict(self.tokenizer.pad(feats, return_tensors="pt"))
-        batch["idx"] = ids
-        if "teacher_logits" in items[0]:
-            batch["teacher_logits"] = torch.stack([it["teacher_logits"] for it in items])
-        if all(label is not None for label in labels):
-            batch["labels"] = torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
-        return batch
+    def __call__(self, items: list[dict[str, Any]]) -> Batch:
+        inputs = dict(self.tokenizer.pad([it["features"] for it in items], return_tensors="pt"))
+        labels = [it["label"] for it in items]
+        return Batch(
+            inputs=inputs,
+            ids=torch.tensor([it["id"] for it in items], dtype=torch.long),
+            labels=(
+                torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
+                if all(label is not None for label in labels)
+                else None
+            ),
+            teacher_logits=torch.stack([it["teacher_logits"] for it in items])
+            if "teacher_logits" in items[0]
+            else None,
+        )
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -267,3 +285,49 @@ def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Evaluation batches in length order: the least padding; predictions are matched back by example id."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def eval_loader(dataset: TokenizedDataset, tokenizer: Any, batch_size: int, regression: bool) -> DataLoader:
+    """Batches of `dataset` in length order, for prediction and evaluation."""
+    return DataLoader(
+        dataset, batch_sampler=eval_batches(dataset.lengths, batch_size), collate_fn=Collator(tokenizer, regression)
+    )
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    sampler: LengthGroupedBatchSampler  # the train loader's, whose epoch the loop sets
+    eval: dict[str, DataLoader]  # one per evaluation split
+
+
+def build_loaders(
+    splits: dict[str, list[Example]],
+    tokenizer: Any,
+    task: Task,
+    max_length: int,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    teacher_rows: Callable[[Sequence[int]], torch.Tensor] | None = None,
+) -> Loaders:
+    """The shuffled, length-grouped train loader and one loader per evaluation split. `teacher_rows` looks up the
+    teacher's logits by example id, so they travel with their example through any shuffling."""
+    train_ds = TokenizedDataset(splits["train"], tokenizer, max_length)
+    if teacher_rows is not None:
+        train_ds.teacher_logits = teacher_rows(train_ds.ids)
+    sampler = LengthGroupedBatchSampler(train_ds.lengths, batch_size, seed)
+    # The loader's own generator keeps it from drawing on the global RNG, which drives dropout and is checkpointed.
+    train = DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        collate_fn=Collator(tokenizer, task.is_regression),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    evals = {
+        s: eval_loader(
+            TokenizedDataset(splits[s], tokenizer, max_length), tokenizer, eval_batch_size, task.is_regression
+        )
+        for s in task.eval_splits
+    }
+    return Loaders(train, sampler, evals)

@@ -72,13 +72,3 @@ def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def read_run(run_dir: str | Path) -> dict[str, Any] | None:
-    """The metrics.json of a finished kdlora run in `run_dir`, or None if there is none (or it is unfinished)."""
-    path = Path(run_dir) / "metrics.json"
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if isinstance(metrics, dict) and metrics.get("status") == "finished" else None

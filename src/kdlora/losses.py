@@ -5,6 +5,8 @@ Shapes: B = batch size, C = number of classes. Regression tasks have C = 1.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -53,3 +55,28 @@ def distillation_loss(
         else kd_loss(student_logits, teacher_logits, temperature)
     )
     return alpha * hard + (1 - alpha) * soft, hard, soft
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor  # what the optimizer minimises
+    task: torch.Tensor  # L_task
+    kd: torch.Tensor  # L_KD (0 without a teacher)
+
+
+def objective(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    regression: bool = False,
+) -> LossParts:
+    """The training objective of every method: the task loss alone without a teacher (fft, lora), KD-LoRA's
+    α·L_task + (1-α)·L_KD with one. logits, teacher_logits: [B, C]; labels: [B]. Each part is a scalar."""
+    if teacher_logits is None:
+        hard = task_loss(logits, labels, regression)
+        return LossParts(hard, hard, torch.zeros((), device=hard.device))
+    return LossParts(
+        *distillation_loss(logits, teacher_logits, labels, alpha=alpha, temperature=temperature, regression=regression)
+    )

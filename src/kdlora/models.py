@@ -22,6 +22,7 @@ LORA_TARGETS: dict[str, list[str]] = {
     "distilbert": ["q_lin", "v_lin"],
     "deberta-v2": ["query_proj", "value_proj"],
     "deberta": ["in_proj"],
+    "mpnet": ["q", "v"],
 }
 # The task head: trained with the LoRA matrices. A pooler in front of a new classifier is part of the head too,
 # because a checkpoint's pooler was never trained for this task (or, as in all-MiniLM-L6-v2, for any task).
@@ -54,8 +55,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
         raise KdloraError(f"could not load a tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
 
 
-def load_classifier(name: str, task: Task, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
-    """Load `name` as a sequence classifier for `task` (a new head where the checkpoint has none), and its tokenizer."""
+def load_classifier(
+    name: str, task: Task, trust_remote_code: bool = False, weights: bool = True
+) -> tuple[nn.Module, Any]:
+    """Load `name` as a sequence classifier for `task` (a new head where the checkpoint has none), and its tokenizer.
+    With weights=False the model is built on the meta device from its config alone: its shapes, no weights."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
@@ -76,6 +81,9 @@ def load_classifier(name: str, task: Task, trust_remote_code: bool = False) -> t
     config.label2id = {label: i for i, label in enumerate(task.label_names)}
     config.problem_type = "regression" if task.is_regression else "single_label_classification"
     try:
+        if not weights:
+            with torch.device("meta"):
+                return AutoModelForSequenceClassification.from_config(config), None
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, trust_remote_code=trust_remote_code
         )
@@ -86,6 +94,27 @@ def load_classifier(name: str, task: Task, trust_remote_code: bool = False) -> t
             ) from exc
         raise
     return model, load_tokenizer(path, trust_remote_code)
+
+
+def build_model(
+    name: str,
+    task: Task,
+    method: str,
+    lora: LoraArgs | None = None,
+    *,
+    layers: list[int] | None = None,
+    trust_remote_code: bool = False,
+    weights: bool = True,
+) -> tuple[nn.Module, Any]:
+    """The model that `method` trains, and its tokenizer: the whole classifier for fft; for lora and kd-lora the base
+    with peft LoRA and a trainable head. `layers` keeps only those encoder layers (a student cut from a teacher).
+    weights=False builds it on the meta device (for counting parameters) and returns no tokenizer."""
+    model, tokenizer = load_classifier(name, task, trust_remote_code, weights)
+    if layers:
+        keep_layers(model, layers)
+    if method != "fft":
+        model = add_lora(model, lora or LoraArgs())
+    return model, tokenizer
 
 
 def _has_head(config: Any) -> bool:

@@ -19,20 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kdlora.config import METHODS
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_text, read_run
+from kdlora.io import atomic_write_text
+from kdlora.rundir import CHECKPOINT, CONFIG, merged_dir, read_config, read_inference, read_run, result_config
 
-METHODS = ("fft", "lora", "kd-lora")
 RANKS = (8, 16, 32, 64)
-# Config settings that do not make a different config: where it is written, how it is run, which seed, and the
-# teacher's run directory (a KD-LoRA run of seed s distils from the FFT run of seed s).
-_NOT_CONFIG = {
-    "train": ("output_dir", "overwrite", "quiet", "resume", "save_steps", "seed"),
-    "kd": ("no_recompute",),
-    "model": ("teacher",),
-}
 
 
 @dataclass
@@ -48,26 +40,24 @@ class Run:
 
     @property
     def inference(self) -> dict[str, Any] | None:
-        try:
-            return json.loads((self.path / "inference.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return read_inference(self.path)
 
     @property
     def merged_mb(self) -> float | None:
         """Size of the merged model's weights: as the run recorded it, else as found on disk."""
         if self.metrics.get("merged_mb") is not None:
             return float(self.metrics["merged_mb"])
-        files = list((self.path / "merged").glob("*.safetensors"))
+        files = list(merged_dir(self.path).glob("*.safetensors"))
         return sum(f.stat().st_size for f in files) / 2**20 if files else None
 
 
 def config_key(config: dict[str, Any]) -> str:
-    cfg = json.loads(json.dumps(config))
-    for section, keys in _NOT_CONFIG.items():
-        for k in keys:
-            cfg.get(section, {}).pop(k, None)
-    return json.dumps(cfg, sort_keys=True)
+    """Runs with the same key are seeds of one config: the config as compared between runs (rundir.result_config),
+    less the seed and the teacher's run directory (a KD-LoRA run of seed s distils from the FFT run of seed s)."""
+    cfg = result_config(config)
+    cfg.get("train", {}).pop("seed", None)
+    cfg.get("model", {}).pop("teacher", None)
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def _config_dirs(root: Path) -> list[Path]:
@@ -83,10 +73,10 @@ def _config_dirs(root: Path) -> list[Path]:
         seen.add(real)
         # Skip temporary directories of atomic writes and checkpoints; real directories before links, so that a run
         # reached both ways is listed under its own path.
-        keep = [d for d in dirnames if not d.startswith(".") and d != "checkpoint"]
+        keep = [d for d in dirnames if not d.startswith(".") and d != CHECKPOINT]
         links = {d for d in keep if os.path.islink(os.path.join(dirpath, d))}
         dirnames[:] = sorted(set(keep) - links) + sorted(links)
-        if "config.yaml" in filenames:
+        if CONFIG in filenames:
             found.append(Path(dirpath))
     return sorted(found)
 
@@ -97,13 +87,10 @@ def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
         raise KdloraError(f"{root} is not a directory")
     finished, unfinished = [], []
     for run_dir in _config_dirs(root):
-        cfg_path = run_dir / "config.yaml"
-        metrics = read_run(run_dir)
-        try:
-            config = yaml.safe_load(cfg_path.read_text())
-            method = config["train"]["method"]
-        except (OSError, yaml.YAMLError, KeyError, TypeError):
+        metrics, config = read_run(run_dir), read_config(run_dir)
+        if config is None:
             continue  # not a kdlora run's config
+        method = config["train"]["method"]
         if metrics is None:
             unfinished.append(run_dir)
             continue
@@ -205,28 +192,18 @@ def averages(cells: dict[tuple[str, str], Cell]) -> tuple[list[str], dict[str, C
 
 
 def rank_counts(run: Run, ranks: Sequence[int] = RANKS) -> list[dict[str, Any]]:
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     from kdlora.config import LoraArgs
-    from kdlora.models import add_lora, count_parameters, deployed_parameters
+    from kdlora.models import build_model, count_parameters, deployed_parameters
+    from kdlora.tasks import get_task
 
-    config = AutoConfig.from_pretrained(run.path / "merged")
     rows = []
+    targets = run.config.get("lora", {}).get("target_modules")
     for rank in [None] if run.method == "fft" else ranks:
-        with torch.device("meta"):
-            model = AutoModelForSequenceClassification.from_config(config)
-            if rank is not None:
-                targets = run.config.get("lora", {}).get("target_modules")
-                model = add_lora(model, LoraArgs(r=rank, lora_alpha=2 * rank, target_modules=targets))
-            rows.append(
-                {
-                    "method": run.method,
-                    "rank": rank,
-                    **count_parameters(model),
-                    "total_params": deployed_parameters(model),
-                }
-            )
+        lora = LoraArgs(r=rank, lora_alpha=2 * rank, target_modules=targets) if rank else None
+        model, _ = build_model(str(merged_dir(run.path)), get_task(run.task), run.method, lora, weights=False)
+        rows.append(
+            {"method": run.method, "rank": rank, **count_parameters(model), "total_params": deployed_parameters(model)}
+        )
     return rows
 
 

@@ -29,8 +29,9 @@ import yaml
 
 from kdlora.config import SECTIONS, RunConfig, build_config
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_json, atomic_write_text, read_run
+from kdlora.io import atomic_write_json, atomic_write_text
 from kdlora.report import median_top_k
+from kdlora.rundir import read_run, result_config, same_config
 
 # The paper's search spaces, as 25 (FFT) and 24 (LoRA, KD-LoRA) points; the paper does not list its points.
 # FFT: lr over 2e-5..5e-5 matters most for full fine-tuning, so it gets five evenly spaced levels, each crossed with
@@ -173,7 +174,7 @@ def open_study(name: str, storage: Any, points: list[dict[str, Any]], base_key: 
         study.set_user_attr("kdlora_points", points)
         study.set_user_attr("kdlora_base", base_key)
         for i in range(len(points)):
-            study.enqueue_trial({"point": i})
+            study.enqueue_trial({"point": i}, user_attrs={"point": i})
         study.set_user_attr("kdlora_queued", True)
         return study
     for _ in range(120):  # the worker that created it may still be queueing its points
@@ -213,24 +214,24 @@ def requeue(study: Any) -> None:
     import optuna
     from optuna.trial import TrialState
 
-    storage, host = study._storage, socket.gethostname()
+    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
         if attrs.get("host") == host and not _alive(attrs.get("pid"), attrs.get("pid_start")):
             try:
-                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
                 pass  # another worker got there first
     optuna.storages.fail_stale_trials(study)
     settled = set()
     for t in study.get_trials(deepcopy=False):
-        point = t.system_attrs.get("fixed_params", {}).get("point")
+        point = point_of(t)
         live = t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
         if point is not None and (live or "error" in t.user_attrs):  # a pruned duplicate settles nothing
             settled.add(point)
     for i in range(len(study.user_attrs.get("kdlora_points", []))):
         if i not in settled:
-            study.enqueue_trial({"point": i}, user_attrs={"requeued": True})
+            study.enqueue_trial({"point": i}, user_attrs={"point": i, "requeued": True})
 
 
 def retry_failed(study: Any) -> list[int]:
@@ -240,15 +241,21 @@ def retry_failed(study: Any) -> list[int]:
 
     failed, live = set(), set()
     for t in study.get_trials(deepcopy=False):
-        point = t.system_attrs.get("fixed_params", {}).get("point")
+        point = point_of(t)
         if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING):
             live.add(point)
         elif t.state == TrialState.FAIL and "error" in t.user_attrs:
             failed.add(point)
     again = sorted(failed - live)
     for i in again:
-        study.enqueue_trial({"point": i}, user_attrs={"retried": True})
+        study.enqueue_trial({"point": i}, user_attrs={"point": i, "retried": True})
     return again
+
+
+def point_of(trial: Any) -> int | None:
+    """The grid point a trial runs: given when it was queued, or its parameter once it has started."""
+    point = trial.user_attrs.get("point")
+    return point if point is not None else trial.params.get("point")
 
 
 def _waiting(study: Any) -> bool:
@@ -263,7 +270,7 @@ def _waiting(study: Any) -> bool:
 def run_sweep(args: SweepArgs) -> dict[str, Any]:
     import optuna
 
-    from kdlora.train import _comparable, ensure_teacher, same_config
+    from kdlora.train import ensure_teacher
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our own line
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
@@ -274,7 +281,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
     for p in points:  # a bad key or value fails now, not at the 17th point
         point_config(args.base, p, out / "trials" / "check")
     base = copy.deepcopy(args.base)
-    base_key = json.dumps(_comparable(base_cfg), sort_keys=True, default=str)
+    base_key = json.dumps(result_config(base_cfg), sort_keys=True, default=str)
     out.mkdir(parents=True, exist_ok=True)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     name = args.study_name or f"kdlora-{task}-{method}"
@@ -283,15 +290,14 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
 
     if method == "kd-lora" and base_cfg.model.teacher_model:
         # One teacher for every point: trained here (or reused) and named as a finished run.
-        teacher = ensure_teacher(base_cfg, out)
+        teacher = ensure_teacher(base_cfg)
         base["model"] = {**base.get("model", {}), "teacher": str(teacher), "teacher_model": None}
 
     def objective(trial: Any) -> float:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("pid_start", _process_start(os.getpid()))
-        fixed = study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params", {})
-        if "point" not in fixed:  # another worker took the last queued point first
+        if trial.user_attrs.get("point") is None:  # not from the queue: another worker took the last point first
             trial.set_user_attr("duplicate", True)
             raise optuna.TrialPruned()
         i = trial.suggest_int("point", 0, len(points) - 1)
@@ -299,7 +305,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
             t
             for t in study.get_trials(deepcopy=False)
             if t.number != trial.number
-            and t.system_attrs.get("fixed_params", {}).get("point") == i
+            and point_of(t) == i
             and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
         ]
         if others:  # queued twice by two workers restarting at once: run it once
@@ -358,9 +364,7 @@ def summarize(
 
     rows = []
     for i, p in enumerate(points):
-        trials = [
-            t for t in study.get_trials(deepcopy=False) if t.system_attrs.get("fixed_params", {}).get("point") == i
-        ]
+        trials = [t for t in study.get_trials(deepcopy=False) if point_of(t) == i]
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         errors = [t.user_attrs["error"] for t in trials if "error" in t.user_attrs]
         state = "complete" if complete else ("failed" if errors else "pending")

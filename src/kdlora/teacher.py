@@ -1,6 +1,6 @@
 """The teacher's logits on the training set: computed once, in eval mode, and cached under a fingerprint.
 
-The cache lives in the teacher's run directory, `logits/train-<fingerprint>.safetensors`, and holds the example ids
+The cache lives in the teacher's run directory (rundir.logits_path), one file per fingerprint, holding the example ids
 beside the logits. The fingerprint covers the teacher weights, its tokenizer, the examples (ids, texts, labels), the
 label map and max_length, so any change means a recompute and never a stale or misaligned row.
 """
@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from kdlora.data import Example, TokenizedDataset
 from kdlora.errors import KdloraError
-from kdlora.io import give_default_mode, read_run
+from kdlora.io import give_default_mode
+from kdlora.rundir import logits_path, merged_dir, read_run
 from kdlora.tasks import Task
 
 _TOKENIZER_FILES = (
@@ -80,12 +81,12 @@ def teacher_model_dir(run_dir: Path, task: Task) -> Path:
     """The merged model of a finished fft run on `task`, or a clear error."""
     run = read_run(run_dir)
     if run is None:
-        raise KdloraError(f"--teacher {run_dir} is not a finished kdlora run (no finished metrics.json)")
+        raise KdloraError(f"--teacher {run_dir} is not a finished kdlora run")
     if run.get("method") != "fft":
         raise KdloraError(f"--teacher {run_dir} is a {run.get('method')} run; the teacher must be an fft run")
     if run.get("task") != task.name:
         raise KdloraError(f"--teacher {run_dir} was trained on {run.get('task')}, not {task.name}")
-    model_dir = run_dir / "merged"
+    model_dir = merged_dir(run_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("num_labels", len(config.get("id2label", {}))) != task.num_labels:
         raise KdloraError(
@@ -117,8 +118,7 @@ def _compute(
     logits = torch.empty(len(dataset), task.num_labels)
     for batch_idx in tqdm(eval_batches(dataset.lengths, batch_size), desc="teacher logits", disable=quiet):
         batch = collate([dataset[i] for i in batch_idx])
-        batch.pop("idx"), batch.pop("labels", None)
-        out = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        out = model(**{k: v.to(device) for k, v in batch.inputs.items()}).logits
         logits[batch_idx] = out.float().cpu()
     del model  # the teacher is not kept in memory while the student trains
     gc.collect()
@@ -142,7 +142,7 @@ def teacher_logits(
     """
     model_dir = teacher_model_dir(run_dir, task)
     fp = fingerprint(model_dir, examples, task, max_length)
-    path = run_dir / "logits" / f"train-{fp[:16]}.safetensors"
+    path = logits_path(run_dir, fp)
     ids = torch.tensor([e.id for e in examples], dtype=torch.long)
     cached = _load_cache(path, fp, ids, task.num_labels)
     if cached is not None:

@@ -1,0 +1,215 @@
+"""The run directory: the only module that knows its file names and its rules.
+
+    OUTPUT/
+      config.yaml      the resolved config, written first
+      checkpoint/      resume state of an unfinished run (removed when it finishes)
+      teacher/         kd-lora with --teacher-model: the fft teacher's own run directory
+      logits/          in a teacher's run: its cached logits, one file per fingerprint
+      student_base/    kd-lora with --student-layers: the student before LoRA
+      adapter/         lora, kd-lora: the peft adapter with the head
+      merged/          a plain transformers model and tokenizer (LoRA folded in)
+      metrics.json     written last: its "status": "finished" marks a finished run
+      inference.json   `kdlora compare`: timings of the merged model
+
+A directory with a config.yaml is a run; a run with a finished metrics.json is finished. Nothing else counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlora.config import RunConfig, build_config, comparable, save_config
+from kdlora.errors import KdloraError
+from kdlora.io import atomic_write_dir, atomic_write_json
+
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+INFERENCE = "inference.json"
+CHECKPOINT = "checkpoint"
+TEACHER = "teacher"
+LOGITS = "logits"
+STUDENT_BASE = "student_base"
+ADAPTER = "adapter"
+MERGED = "merged"
+# What `kdlora report` reads of a run: everything but the weights (the architecture is merged/config.json).
+SMALL_FILES = (CONFIG, METRICS, INFERENCE, f"{MERGED}/config.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any] | None:
+    """The metrics of a finished run in `run_dir`, or None if there is none (or it is unfinished)."""
+    try:
+        metrics = json.loads((Path(run_dir) / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and metrics.get("status") == "finished" else None
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's config as written (nested dicts), or None when there is none or it is not a kdlora config."""
+    try:
+        values = yaml.safe_load((Path(run_dir) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    ok = isinstance(values, dict) and isinstance(values.get("train"), dict) and "method" in values["train"]
+    return values if ok else None
+
+
+def read_inference(run_dir: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / INFERENCE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def result_config(values: RunConfig | dict[str, Any]) -> dict[str, Any]:
+    """A config as compared between runs: rebuilt with today's defaults (so a field added since is its default, not a
+    difference), without the settings that leave results alone, a teacher reached through a link resolved."""
+    if isinstance(values, dict):
+        try:
+            values = build_config(values)
+        except KdloraError:
+            pass  # a config this version cannot build is compared as written, and so differs
+    d = comparable(values)
+    if d.get("model", {}).get("teacher"):
+        d["model"]["teacher"] = os.path.realpath(d["model"]["teacher"])
+    return d
+
+
+def same_config(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Whether the run in `run_dir` was made with `cfg`, up to settings that leave results alone."""
+    stored = read_config(run_dir)
+    return stored is not None and result_config(stored) == result_config(cfg)
+
+
+def model_dir(path: str | Path) -> Path:
+    """The model directory behind `path`: a finished run's merged/, or `path` itself if it is a model directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KdloraError(f"--model-dir {path} does not exist")
+    if is_run(path) or (path / METRICS).exists():
+        if read_run(path) is None:
+            raise KdloraError(f"{path} is an unfinished run: it has no finished {METRICS}")
+        path = path / MERGED
+    if not (path / "config.json").is_file():
+        raise KdloraError(f"{path} is not a model directory (no config.json)")
+    return path
+
+
+def merged_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / MERGED
+
+
+def teacher_dir(out: str | Path) -> Path:
+    """Where `--teacher-model` trains the fft teacher of a kd-lora run."""
+    return Path(out) / TEACHER
+
+
+def logits_path(teacher_run: str | Path, fingerprint: str) -> Path:
+    return Path(teacher_run) / LOGITS / f"train-{fingerprint[:16]}.safetensors"
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    return Path(out) / CHECKPOINT
+
+
+def artefacts(out: str | Path) -> list[Path]:
+    """What a finished run offers the user, in the order worth reading."""
+    return [Path(out) / p for p in (ADAPTER, MERGED, METRICS, CONFIG) if (Path(out) / p).exists()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preparing
+
+
+def check(cfg: RunConfig) -> bool:
+    """Whether output_dir holds a checkpointed unfinished run of this config to resume; raise if it may not be used.
+
+    Read-only, so every process of a distributed run reaches the same verdict. A finished run or foreign files are only
+    replaced with --overwrite; an unfinished run with another config too.
+    """
+    out = Path(cfg.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise KdloraError(f"--output-dir {out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not cfg.train.overwrite:
+        if read_run(out) is not None:
+            raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
+        if not is_run(out):
+            raise KdloraError(f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite")
+        if checkpoint_dir(out).is_dir():
+            if not same_config(out, cfg):
+                raise KdloraError(
+                    f"{out} holds an unfinished run with another config: rerun it as it was to resume, or --overwrite"
+                )
+            return True
+    if cfg.train.resume:
+        raise KdloraError(f"--resume: {out} holds no checkpointed unfinished run to resume")
+    return False
+
+
+def clear(cfg: RunConfig) -> None:
+    """Empty output_dir for a new run, keeping a kd-lora run's teacher/ (reused when its config matches)."""
+    out = Path(cfg.train.output_dir)
+    if out.is_dir():
+        for child in out.iterdir():
+            if not (child.name == TEACHER and cfg.train.method == "kd-lora"):
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_config(cfg: RunConfig) -> None:
+    save_config(cfg, Path(cfg.train.output_dir) / CONFIG)
+
+
+def _save_model(path: Path, model: Any, tokenizer: Any) -> None:
+    atomic_write_dir(path, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+
+
+def student_base_dir(out: str | Path) -> Path:
+    return (Path(out) / STUDENT_BASE).resolve()
+
+
+def save_student_base(out: str | Path, model: Any, tokenizer: Any) -> Path:
+    """Save a student cut from a teacher's layers, so that its adapter names a base that exists."""
+    _save_model(student_base_dir(out), model, tokenizer)
+    return student_base_dir(out)
+
+
+def save_outputs(out: str | Path, model: Any, tokenizer: Any, method: str) -> float:
+    """adapter/ (the peft adapter with the head) for the LoRA methods, and merged/: a plain transformers model and
+    tokenizer. Returns the merged weights' size in MB."""
+    from kdlora.models import merge
+
+    out = Path(out)
+    if method != "fft":
+        _save_model(out / ADAPTER, model, tokenizer)
+        model = merge(model)
+    _save_model(out / MERGED, model, tokenizer)
+    return sum(f.stat().st_size for f in (out / MERGED).glob("*.safetensors")) / 2**20
+
+
+def write_metrics(out: str | Path, metrics: dict[str, Any]) -> None:
+    """Write the metrics record last, marking the run finished; then drop the checkpoint, needed no more."""
+    atomic_write_json(Path(out) / METRICS, {"status": "finished", **metrics})
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+
+
+def write_inference(run_dir: str | Path, timings: dict[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / INFERENCE, timings)

@@ -1,0 +1,58 @@
+"""The one training step (train.TrainStep) that the loop, bench and the benchmarks share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdlora.config import KDArgs, LoraArgs, TrainArgs
+from kdlora.data import Batch
+from kdlora.models import build_model
+from kdlora.tasks import get_task
+from kdlora.train import TrainStep, build_accelerator, build_optimizer
+
+
+def _step(model_dir, fused: bool = True):
+    from transformers import get_constant_schedule
+
+    accelerator = build_accelerator(TrainArgs(method="kd-lora"))
+    model, _ = build_model(str(model_dir), get_task("cola"), "kd-lora", LoraArgs(r=2), layers=[0, 1])
+    optimizer = build_optimizer(model, 1e-2, 0.01)
+    if not fused:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = TrainStep(model, optimizer, get_constant_schedule(optimizer), accelerator, KDArgs(), False, 1.0)
+    return model.train(), step
+
+
+def _batch(teacher: float) -> Batch:
+    ids = torch.tensor([[2, 6, 7, 8, 3], [2, 9, 10, 3, 0]])
+    return Batch(
+        inputs={"input_ids": ids, "attention_mask": (ids > 0).long()},
+        ids=torch.tensor([0, 1]),
+        labels=torch.tensor([1, 0]),
+        teacher_logits=torch.full((2, 2), teacher),
+    )
+
+
+def test_a_non_finite_loss_never_reaches_the_weights_and_needs_no_host_sync(tiny_bert_dir):
+    model, step = _step(tiny_bert_dir)
+    assert step.fused
+    parts = step(_batch(0.5))
+    assert parts.shape == (3,) and torch.isfinite(parts).all() and not step.bad.item()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert torch.isnan(step(_batch(float("nan")))[0])
+    step(_batch(0.5))  # the flag stays set: nothing moves until the loop has read it and stopped
+    assert step.bad.item()
+    after = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_stops_before_the_update(tiny_bert_dir):
+    from kdlora.train import NonFiniteLoss
+
+    model, step = _step(tiny_bert_dir, fused=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(NonFiniteLoss):
+        step(_batch(float("nan")))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
