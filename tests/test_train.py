@@ -56,3 +56,16 @@ def test_an_optimizer_that_cannot_skip_on_the_device_stops_before_the_update(tin
     with pytest.raises(NonFiniteLoss):
         step(_batch(float("nan")))
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_groups_restored_from_a_checkpoint_of_a_plain_adamw_are_checked_on_the_host(tiny_bert_dir):
+    from kdlora.train import NonFiniteLoss
+
+    model, step = _step(tiny_bert_dir)
+    saved = step.inner.state_dict()
+    for group in saved["param_groups"]:
+        group["fused"] = None  # as in a checkpoint written by a plain AdamW
+    step.inner.load_state_dict(saved)
+    assert not step.fused
+    with pytest.raises(NonFiniteLoss):
+        step(_batch(float("nan")))

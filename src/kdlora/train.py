@@ -130,9 +130,13 @@ class TrainStep:
                  max_grad_norm: float) -> None:  # fmt: skip
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
         self.kd, self.regression, self.max_grad_norm = kd, regression, max_grad_norm
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
-        self.inner, self.fused = inner, bool(inner.defaults.get("fused"))
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+
+    @property
+    def fused(self) -> bool:
+        """Whether every parameter group steps with the fused kernel (a checkpoint's groups may say otherwise)."""
+        return all(g.get("fused") for g in self.inner.param_groups)
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.accumulate(self.model):
