@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from kdlora.config import KDArgs, LoraArgs, TrainArgs
@@ -48,24 +47,22 @@ def test_a_non_finite_loss_never_reaches_the_weights_and_needs_no_host_sync(tiny
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def test_an_optimizer_that_cannot_skip_on_the_device_stops_before_the_update(tiny_bert_dir):
-    from kdlora.train import NonFiniteLoss
-
+def test_an_optimizer_that_cannot_skip_on_the_device_skips_after_a_host_check(tiny_bert_dir):
     model, step = _step(tiny_bert_dir, fused=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    with pytest.raises(NonFiniteLoss):
-        step(_batch(float("nan")))
+    step(_batch(float("nan")))
+    step(_batch(0.5))
+    assert step.bad.item()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_groups_restored_from_a_checkpoint_of_a_plain_adamw_are_checked_on_the_host(tiny_bert_dir):
-    from kdlora.train import NonFiniteLoss
-
     model, step = _step(tiny_bert_dir)
     saved = step.inner.state_dict()
     for group in saved["param_groups"]:
         group["fused"] = None  # as in a checkpoint written by a plain AdamW
     step.inner.load_state_dict(saved)
     assert not step.fused
-    with pytest.raises(NonFiniteLoss):
-        step(_batch(float("nan")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    step(_batch(float("nan")))
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)

@@ -122,9 +122,10 @@ class TrainStep:
     """One micro-batch of training for every method: forward, objective, backward, clip and (at the end of an
     accumulation) the optimizer and scheduler step. Returns the loss parts [total, task, kd], still on the device.
 
-    A non-finite loss sets `self.bad` on the device. With a fused optimizer that flag skips the update inside the
-    kernel (as a GradScaler does), so no step waits on the host; the loop reads the flag when it moves losses to the
-    host and stops there, before any checkpoint. Other optimizers check it before each update."""
+    A non-finite loss sets `self.bad` on the device, and while it is set no update happens: a fused optimizer skips
+    inside the kernel (as with a GradScaler), so no step waits on the host; other optimizer groups are skipped after a
+    host check. The loop finds the non-finite loss when it moves losses to the host (LossLog.flush) and stops there,
+    before any checkpoint."""
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, regression: bool,
                  max_grad_norm: float) -> None:  # fmt: skip
@@ -153,18 +154,14 @@ class TrainStep:
             self.accelerator.backward(parts.total)
             if self.accelerator.sync_gradients and self.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            if self.fused:
+            fused = self.fused
+            if fused:
                 self.inner.found_inf = self.bad.float()  # skips the update on the device while set
-            elif self.bad.item():
-                raise NonFiniteLoss()
-            self.optimizer.step()
-            self.scheduler.step()
+            if fused or not self.bad.item():
+                self.optimizer.step()
+                self.scheduler.step()
             self.optimizer.zero_grad()
         return torch.stack([p.detach() for p in parts])
-
-
-class NonFiniteLoss(Exception):
-    """Raised by a TrainStep that cannot skip on the device; the loop turns it into the user's one-line error."""
 
 
 @dataclass
@@ -292,12 +289,7 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     for epoch in range(progress.epoch, tc.epochs):
         model.train()
         for batch in epoch_batches(train_loader, loaders.sampler, epoch, progress, ckpt, accelerator):
-            try:
-                parts = step(batch)
-            except NonFiniteLoss:
-                log.pending.append(torch.full((3,), math.nan, device=accelerator.device))
-                log.flush(out)  # raises, naming the step
-                raise
+            parts = step(batch)
             progress.batches_done += 1
             if log.add(parts, accelerator):
                 bar.update(1)
