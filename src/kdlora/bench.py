@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from kdlora.config import METHODS, LoraArgs
+from kdlora.config import METHODS, DataArgs, LoraArgs, build_section
+from kdlora.data import load_task
 from kdlora.env import default_device, peak_memory, peak_rss_mb, reset_peak_memory
 from kdlora.errors import KdloraError
 from kdlora.models import build_model, count_parameters, deployed_parameters, merge
-from kdlora.tasks import Task, get_task
+from kdlora.tasks import Task
 
 
 @dataclass
@@ -37,8 +38,9 @@ class BenchArgs:
     teacher: str = "all-MiniLM-L6-v2"  # teacher checkpoint (also the LoRA baseline's base)
     student: str | None = None  # student checkpoint; None derives it from the teacher with student_layers
     student_layers: list[int] = field(default_factory=lambda: [0, 2, 4])
-    task: str = "cola"
+    task: str | None = None  # a GLUE task (default cola), or the name of the user's own data
     data_dir: str | None = None  # validation data for inference timing; None uses `datasets`
+    data: dict[str, Any] = field(default_factory=dict)  # the user's own data: DataArgs fields (train_file, ...)
     ranks: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
     batch_size: int = 32  # training batch for the memory measurement
     seq_len: int = 128  # training sequence length for the memory measurement (every sequence full)
@@ -50,6 +52,20 @@ class BenchArgs:
     max_length: int = 128
     output_dir: str = "runs/bench"
     skip_memory: bool = False
+
+
+def bench_data(args: BenchArgs) -> DataArgs:
+    """The data the bench reads: a GLUE task's, or the user's own (args.data)."""
+    values = {"task": args.task, "data_dir": args.data_dir, "max_eval_samples": args.max_eval_samples}
+    return build_section(DataArgs, {**values, "max_length": args.max_length, **args.data}, "data")
+
+
+def own_data(data: DataArgs) -> dict[str, Any]:
+    """The fields of `data` that describe the user's own data (empty for GLUE), as BenchArgs.data."""
+    from dataclasses import fields
+
+    skip = ("task", "data_dir", "max_eval_samples", "max_length", "max_train_samples")
+    return {f.name: getattr(data, f.name) for f in fields(data) if f.name not in skip} if data.custom else {}
 
 
 def build(args: BenchArgs, method: str, rank: int, task: Task) -> tuple[torch.nn.Module, Any]:
@@ -108,7 +124,7 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
     from kdlora.data import Batch
     from kdlora.train import TrainStep, build_accelerator, build_optimizer
 
-    task, tc = get_task(args.task), TrainArgs(method=method)
+    task, tc = load_task(bench_data(args)), TrainArgs(method=method)
     accelerator = build_accelerator(tc)
     model, _ = build(args, method, rank, task)
     optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay)
@@ -161,13 +177,10 @@ def _child(payload: str) -> None:
 
 def inference_batches(args: BenchArgs, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     """The task's validation set (first eval split), tokenised and padded per length-sorted batch."""
-    from kdlora.config import DataArgs
     from kdlora.data import Collator, TokenizedDataset, eval_batches, load_splits
 
-    task = get_task(args.task)
-    data = DataArgs(
-        task=task.name, data_dir=args.data_dir, max_eval_samples=args.max_eval_samples, max_length=args.max_length
-    )
+    data = bench_data(args)
+    task = load_task(data)
     examples = load_splits(data, [task.eval_splits[0]])[task.eval_splits[0]]
     ds = TokenizedDataset(examples, tokenizer, args.max_length)
     collate = Collator(tokenizer, task.is_regression)
@@ -235,7 +248,8 @@ def inference_arms(args: BenchArgs, task: Task) -> tuple[dict[str, torch.nn.Modu
 
 
 def run_bench(args: BenchArgs) -> dict[str, Any]:
-    task = get_task(args.task)
+    task = load_task(bench_data(args))
+    args.task = task.name
     result: dict[str, Any] = {
         "config": asdict(args),
         "device": "cuda" if torch.cuda.is_available() else "cpu",

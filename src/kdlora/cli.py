@@ -30,6 +30,20 @@ COMPARE_COMMON_FLAGS = (
     "--mixed-precision",
     "--save-steps",
 )
+# The flags that describe the user's own data (with --tasks naming it), for compare and bench.
+OWN_DATA_FLAGS = (
+    "--train-file",
+    "--validation-file",
+    "--dataset",
+    "--dataset-config",
+    "--validation-split",
+    "--text-columns",
+    "--label-column",
+    "--id-column",
+    "--labels",
+    "--problem",
+    "--metric",
+)
 
 # The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student.
 # The student starts from the fine-tuned teacher's layers: all-MiniLM-L6-v2 was trained for mean-pooled embeddings, and
@@ -49,10 +63,20 @@ DEMO_QUICK = {
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with model/data/lora/kd/train sections; flags override it")
+    _add_config_flags(p)
+
+
+def _add_config_flags(
+    p: argparse.ArgumentParser, sections: tuple[str, ...] | None = None, skip: tuple = (), only: tuple = ()
+) -> None:
+    """Flags generated from the config fields of `sections` (all by default; or `only` these flags); unset flags stay
+    out of the namespace."""
     from kdlora.config import flags
 
-    p.add_argument("--config", help="YAML file with model/data/lora/kd/train sections; flags override it")
     for f in flags().values():
+        if (sections and f.section not in sections) or f.flag in skip or (only and f.flag not in only):
+            continue
         if f.is_bool:
             p.add_argument(f.flag, action="store_true", default=argparse.SUPPRESS, help=f.help)
         else:
@@ -86,13 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_flags(p)
 
-    p = sub.add_parser("evaluate", help="score a saved model on a task's validation split(s)")
+    p = sub.add_parser(
+        "evaluate",
+        help="score a saved model on a task's validation split(s)",
+        description="A run directory is scored on the data it was trained on unless data flags say otherwise.",
+    )
     p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
-    p.add_argument("--task", required=True)
-    p.add_argument("--data-dir")
-    p.add_argument("--dataset", default="nyu-mll/glue")
-    p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--max-length", type=int, default=128)
+    _add_config_flags(p, ("data",), skip=("--max-train-samples", "--test-file"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="also write the metrics to this JSON file")
 
@@ -105,12 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write the report here instead of into RUNS_DIR")
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("predict", help="write GLUE test-set submission files (CoLA.tsv, ...)")
+    p = sub.add_parser(
+        "predict",
+        help="label a raw file (--input-file) or write GLUE test-set submissions (--task, --output-dir)",
+        description="--input-file F --output-file OUT.csv|.jsonl: every row of a CSV, TSV, JSONL, JSON, Parquet or "
+        "plain-text file (one text a line), in input order, with its label and class probabilities. "
+        "--task T --output-dir D: the GLUE leaderboard files of T's test split(s).",
+    )
     p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
-    p.add_argument("--task", required=True)
+    p.add_argument("--input-file", help="rows to label: .csv, .tsv, .jsonl, .json, .parquet or .txt")
+    p.add_argument("--output-file", help="where the predictions go: .csv or .jsonl")
+    p.add_argument("--text-columns", help="the input's text column(s) (default: the run's, or guessed)")
+    p.add_argument("--id-column", help="an input column copied to the output as id (default: the row number)")
+    p.add_argument("--task", help="GLUE task of the submission mode")
     p.add_argument("--data-dir")
     p.add_argument("--dataset", default="nyu-mll/glue")
-    p.add_argument("--output-dir", required=True, help="directory for the submission TSV(s)")
+    p.add_argument("--output-dir", help="directory for the submission TSV(s)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     return parser
@@ -125,8 +159,9 @@ def _add_protocol_parsers(sub: Any) -> None:
     p.add_argument("--teacher", dest="deprecated_teacher", help=argparse.SUPPRESS)  # the old name of --teacher-model
     p.add_argument("--student-model", "--student", help="student checkpoint (default: --student-layers of the teacher)")
     p.add_argument("--student-layers", default="0,2,4")
-    p.add_argument("--task", default="cola")
+    p.add_argument("--task", help="GLUE task (default cola), or the name of your own data")
     p.add_argument("--data-dir", help="GLUE data for the inference timing (default ../shared/glue when present)")
+    _add_config_flags(p, only=OWN_DATA_FLAGS)
     p.add_argument("--ranks", default="8,16,32,64")
     p.add_argument("--batch-size", type=int, default=32, help="training batch for the memory measurement")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length for the memory measurement")
@@ -143,7 +178,9 @@ def _add_protocol_parsers(sub: Any) -> None:
         description="Per task and seed: the fft teacher, LoRA on the teacher's model, KD-LoRA on the student "
         "distilled from that teacher. Finished arms with the same config are reused; a killed compare resumes.",
     )
-    p.add_argument("--tasks", required=True, help="comma-separated GLUE tasks, e.g. cola,mrpc,stsb,rte,wnli")
+    p.add_argument(
+        "--tasks", required=True, help="comma-separated GLUE tasks, e.g. cola,mrpc,stsb,rte,wnli; or your data's name"
+    )
     p.add_argument("--seeds", default="42", help="comma-separated seeds; the table gives mean ± std (default 42)")
     p.add_argument("--teacher-model", required=True, help="model of the fft arm, base of the lora arm, the teacher")
     p.add_argument("--student-layers", help="kd-lora student: these encoder layers of the teacher, e.g. 0,2,4")
@@ -161,7 +198,7 @@ def _add_protocol_parsers(sub: Any) -> None:
     )
     from kdlora.config import flags
 
-    for flag in COMPARE_COMMON_FLAGS:
+    for flag in COMPARE_COMMON_FLAGS + OWN_DATA_FLAGS:
         p.add_argument(flag, help=f"{flags()[flag].help} (every arm)")
     p.add_argument("--inference-runs", type=int, default=10, help="timed passes over the validation set per arm")
     p.add_argument("--overwrite", action="store_true", help="retrain finished arms whose config changed")
@@ -235,27 +272,39 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
     print(f"artefacts: {', '.join(str(p) for p in artefacts(out))}")
 
 
-def _eval_data(task: Any, args: argparse.Namespace) -> Any:
-    from kdlora.config import DataArgs
+def _eval_data(args: argparse.Namespace) -> Any:
+    """The data to score a saved model on: the data flags over, for a run directory, the data it was trained on; for
+    the user's own data, the labels of the model itself (its id2label), so an evaluation file need not hold every
+    class."""
+    from kdlora.config import DataArgs, build_section
+    from kdlora.rundir import is_run, model_dir, read_config
 
-    return DataArgs(
-        task=task.name,
-        data_dir=args.data_dir,
-        dataset=args.dataset,
-        max_length=args.max_length,
-        max_eval_samples=getattr(args, "max_eval_samples", None),
+    stored = ((read_config(args.model_dir) or {}).get("data") or {}) if is_run(args.model_dir) else {}
+    values = {**stored, **_overrides(args).get("data", {})}
+    data: DataArgs = build_section(
+        DataArgs, {k: v for k, v in values.items() if k not in ("max_train_samples", "test_file")}, "data"
     )
+    if data.custom and not data.labels:
+        config = json.loads((model_dir(args.model_dir) / "config.json").read_text())
+        if config.get("problem_type") != "regression" and config.get("num_labels", 2) > 1:
+            data.labels = [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
+        else:
+            data.problem = "regression"
+    return data
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
+    from kdlora.data import load_task
     from kdlora.evaluate import evaluate, load_saved, split_loaders
     from kdlora.io import atomic_write_json
 
-    task, model, tokenizer = load_saved(args.model_dir, args.task)
+    data = _eval_data(args)
+    task = load_task(data)
+    model, tokenizer = load_saved(args.model_dir, task)
     accelerator = Accelerator()
-    loaders = split_loaders(task, tokenizer, _eval_data(task, args), task.eval_splits, args.batch_size)
+    loaders = split_loaders(task, tokenizer, data, task.eval_splits, args.batch_size)
     loaders = {s: accelerator.prepare(dl) for s, dl in loaders.items()}
     metrics = {"task": task.name, **evaluate(accelerator.prepare(model), loaders, task, accelerator)}
     print(json.dumps(metrics, indent=2))
@@ -265,18 +314,44 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.input_file or args.output_file:
+        return _predict_file(args)
+    if not (args.task and args.output_dir):
+        raise KdloraError("predict needs --input-file and --output-file, or --task and --output-dir (GLUE test sets)")
     from accelerate import Accelerator
 
+    from kdlora.config import DataArgs
     from kdlora.evaluate import load_saved, predict, split_loaders, write_submission
+    from kdlora.tasks import get_task
 
-    task, model, tokenizer = load_saved(args.model_dir, args.task)
+    task = get_task(args.task)
+    data = DataArgs(task=task.name, data_dir=args.data_dir, dataset=args.dataset, max_length=args.max_length)
+    model, tokenizer = load_saved(args.model_dir, task)
     accelerator = Accelerator()
     model = accelerator.prepare(model)
     for split, name in zip(task.test_splits, task.submission, strict=True):
-        loader = split_loaders(task, tokenizer, _eval_data(task, args), (split,), args.batch_size)[split]
+        loader = split_loaders(task, tokenizer, data, (split,), args.batch_size)[split]
         out = predict(model, accelerator.prepare(loader), accelerator, task.is_regression)
         path = Path(args.output_dir) / name
         print(f"wrote {write_submission(task, split, out, path)} predictions to {path}")
+    return 0
+
+
+def _predict_file(args: argparse.Namespace) -> int:
+    """`predict --input-file`: the text columns are the flag's, else those the run was trained on, else guessed."""
+    from kdlora.evaluate import predict_file
+    from kdlora.rundir import is_run, read_config
+
+    if not (args.input_file and args.output_file):
+        raise KdloraError("--input-file and --output-file go together")
+    if args.batch_size <= 0 or args.max_length < 8:
+        raise KdloraError("--batch-size must be > 0 and --max-length at least 8")
+    stored = ((read_config(args.model_dir) or {}).get("data") or {}) if is_run(args.model_dir) else {}
+    columns = args.text_columns.split(",") if args.text_columns else stored.get("text_columns")
+    rows = predict_file(
+        args.model_dir, args.input_file, args.output_file, columns, args.id_column, args.batch_size, args.max_length
+    )
+    print(f"wrote {rows} predictions to {args.output_file}")
     return 0
 
 
@@ -291,7 +366,11 @@ def _bench(args: argparse.Namespace) -> int:
     from kdlora.bench import BenchArgs, run_bench, to_markdown
 
     data_dir = args.data_dir
-    if data_dir is None and Path("../shared/glue").is_dir():
+    from kdlora.config import flags
+
+    given = {flags()[f].name: getattr(args, f.lstrip("-").replace("-", "_"), None) for f in OWN_DATA_FLAGS}
+    own = {k: v for k, v in given.items() if v is not None}
+    if data_dir is None and Path("../shared/glue").is_dir() and not own:
         data_dir = "../shared/glue"
     teacher = args.teacher_model
     if args.deprecated_teacher:
@@ -305,6 +384,7 @@ def _bench(args: argparse.Namespace) -> int:
         student_layers=ints(args.student_layers, "--student-layers"),
         task=args.task,
         data_dir=data_dir,
+        data=own,
         ranks=ints(args.ranks, "--ranks"),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -343,7 +423,7 @@ def _compare(args: argparse.Namespace) -> int:
         common.setdefault("data", {})["data_dir"] = args.data_dir
     # Flags win over the YAML file, the arms' own sections included; --set wins over both.
     settings = []
-    for flag in COMPARE_COMMON_FLAGS:
+    for flag in COMPARE_COMMON_FLAGS + OWN_DATA_FLAGS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             settings.append(("common", flags()[flag].section, flags()[flag].name, value))
@@ -427,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()  # keep "newly initialized weights" notices out of the user's way
         hub_logging.set_verbosity_error()  # and the hub client's retry chatter when offline: our error says it
         hf_logging.disable_progress_bar()  # one progress bar per stage is ours; no bars for loading and saving
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # nor for `datasets` reading a file
         warnings.filterwarnings("ignore", category=FutureWarning)
     commands = {
         "train": _train,

@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 
+from kdlora.bench import own_data
 from kdlora.config import METHODS, RunConfig, build_config, layered
 from kdlora.errors import KdloraError
 from kdlora.rundir import merged_dir, read_inference, read_run, same_config, write_inference
-from kdlora.tasks import get_task
+from kdlora.tasks import glue_name
 
 ARMS = METHODS  # one arm per method
 ERROR_FILE_ENV = "KDLORA_ERROR_FILE"  # a child `kdlora train` writes its one-line error here instead of stderr
@@ -49,7 +50,7 @@ class CompareArgs:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise KdloraError("--tasks is empty: give one or more GLUE tasks, e.g. --tasks cola,mrpc")
-        self.tasks = [get_task(t).name for t in self.tasks]
+        self.tasks = [glue_name(t) or t for t in self.tasks]  # GLUE aliases; another name is the user's data
         if len(set(self.tasks)) != len(self.tasks) or len(set(self.seeds)) != len(self.seeds):
             raise KdloraError("--tasks and --seeds must not repeat an entry")
         if not self.seeds:
@@ -134,11 +135,11 @@ def _die_with_parent() -> None:
 def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
     """Compute the kd-lora arm's teacher logits here, in the parent, so that its child never loads the teacher: its
     peak memory is then the student's training alone, as in the paper's setting of precomputed logits."""
-    from kdlora.data import load_splits
+    from kdlora.data import load_splits, load_task
     from kdlora.env import default_device
     from kdlora.teacher import teacher_logits
 
-    task = get_task(cfg.data.task)
+    task = load_task(cfg.data)
     train = load_splits(cfg.data, ["train"])["train"]
     device = default_device()
     _, cached = teacher_logits(
@@ -159,7 +160,7 @@ def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig
     from transformers import AutoModelForSequenceClassification
 
     from kdlora.bench import BenchArgs, inference_batches, time_passes
-    from kdlora.models import load_tokenizer
+    from kdlora.models import load_tokenizer, prepare_tokenizer
 
     cfg = cfgs["fft"]
     bench = BenchArgs(
@@ -168,12 +169,14 @@ def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig
         max_eval_samples=cfg.data.max_eval_samples,
         max_length=cfg.data.max_length,
         eval_batch_size=cfg.train.eval_batch_size,
+        data=own_data(cfg.data),
     )
     models, batches = {}, {}
     for arm in ARMS:
         merged = merged_dir(arm_dir(args, task, seed, arm))
         models[arm] = AutoModelForSequenceClassification.from_pretrained(merged)
-        batches[arm] = inference_batches(bench, load_tokenizer(str(merged)))
+        tokenizer = prepare_tokenizer(load_tokenizer(str(merged)), models[arm].config, str(merged))
+        batches[arm] = inference_batches(bench, tokenizer)
     times = time_passes(models, batches, args.inference_runs, warmup=1)
     for arm in ARMS:
         write_inference(

@@ -66,26 +66,98 @@ class ModelArgs:
                 raise KdloraError(f"student_layers {self.student_layers} has a negative index: layers count from 0")
 
 
+GLUE_DATASETS = ("nyu-mll/glue", "glue")
+CUSTOM_ONLY = ("text_columns", "id_column", "labels", "metric", "validation_file", "test_file", "dataset_config")
+
+
 @dataclass
 class DataArgs:
-    task: str = arg("cola", "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    task: str | None = arg(
+        None,
+        "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; default cola), or a name for your own data",
+    )
     data_dir: str | None = arg(
         None,
         "GLUE TSV directory (e.g. ../shared/glue) or a save_to_disk directory; without it `datasets` loads --dataset",
     )
-    dataset: str = arg("nyu-mll/glue", "Hugging Face dataset used without --data-dir")
+    dataset: str = arg(
+        "nyu-mll/glue", "Hugging Face dataset name or save_to_disk directory; another than GLUE is your own data"
+    )
+    dataset_config: str | None = arg(None, "configuration (subset) of --dataset")
+    train_file: str | None = arg(None, "your own training data: .csv, .tsv, .json, .jsonl or .parquet")
+    validation_file: str | None = arg(None, "your own validation data, the same format; picks the best epoch")
+    test_file: str | None = arg(None, "unlabelled rows to predict after training, into the run's predictions.csv")
+    validation_split: str = arg("validation", "the --dataset split to validate on (e.g. test when it has none)")
+    text_columns: list[str] | None = arg(
+        None, "your data's text column, or two for a pair (default: text, sentence, or sentence1,sentence2)"
+    )
+    label_column: str = arg("label", "your data's label column: strings, integers, or floats for regression")
+    id_column: str | None = arg(None, "your data's id column, unique per split, kept in predictions")
+    labels: list[str] | None = arg(None, "the class labels in id order (default: those of the training split, sorted)")
+    problem: Literal["auto", "classification", "regression"] = arg(
+        "auto", "auto | classification | regression (auto: float labels mean regression)"
+    )
+    metric: str | None = arg(
+        None, "your data's metric: accuracy, macro_f1, f1, mcc, pearson_spearman, pearson, spearman, accuracy_f1"
+    )
     max_length: int = arg(128, "truncate inputs to this many tokens; batches are padded to their own longest")
     max_train_samples: int | None = arg(None, "use only the first N training examples")
     max_eval_samples: int | None = arg(None, "use only the first N examples of each evaluation split")
 
-    def __post_init__(self) -> None:
-        from kdlora.tasks import get_task
+    @property
+    def custom(self) -> bool:
+        """Whether this is the user's own data rather than a GLUE task."""
+        return bool(self.train_file) or self.dataset not in GLUE_DATASETS
 
-        self.task = get_task(self.task).name
+    def __post_init__(self) -> None:
+        from kdlora.tasks import get_task, glue_name, metric_name
+
         _require(self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _require(value is None or value >= 0, f"{name} must be >= 0, got {value}")
+        if not self.custom:
+            given = [f"--{n.replace('_', '-')}" for n in CUSTOM_ONLY if getattr(self, n)]
+            defaults = {"label_column": "label", "problem": "auto", "validation_split": "validation"}
+            given += [f"--{n.replace('_', '-')}" for n, d in defaults.items() if getattr(self, n) != d]
+            _require(not given, f"{', '.join(given)} describe your own data: add --train-file or --dataset NAME")
+            self.task = get_task(self.task or "cola").name
+            return
+        _require(not self.data_dir, "--data-dir is for GLUE; your own data comes with --train-file or --dataset")
+        if self.train_file:
+            _require(self.dataset in GLUE_DATASETS, "give --train-file or --dataset, not both")
+            _require(bool(self.validation_file), "--train-file needs --validation-file: it picks the best epoch")
+        else:
+            _require(not self.validation_file, "--validation-file goes with --train-file")
+        if self.task:
+            _require(
+                glue_name(self.task) is None,
+                f"'{self.task}' is a GLUE task: name your own data's task otherwise, or drop --train-file/--dataset",
+            )
+        else:
+            self.task = _task_name(self.train_file or self.dataset)
+        if self.text_columns is not None:
+            _require(
+                1 <= len(self.text_columns) <= 2, f"text_columns takes one or two columns, got {self.text_columns}"
+            )
+        if self.labels is not None:
+            _require(len(self.labels) >= 2, f"labels needs at least two classes, got {self.labels}")
+            _require(len(set(self.labels)) == len(self.labels), f"labels {self.labels} repeats a class")
+            _require(self.problem != "regression", "--labels names classes: it does not go with --problem regression")
+        if self.metric:
+            self.metric = metric_name(self.metric)
+
+
+def _task_name(source: str) -> str:
+    """A task name for the user's data: the file's stem, or its directory's name when the stem says only 'train'."""
+    path = Path(source)
+    stem = path.name.split(".")[0] if path.suffix else path.name
+    if stem.lower() in ("train", "training", "data", "") and path.parent.name:
+        stem = path.parent.name
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem.lower()).strip("-") or "custom"
+    from kdlora.tasks import glue_name
+
+    return f"{name}-data" if glue_name(name) else name
 
 
 @dataclass
@@ -154,6 +226,7 @@ class TrainArgs:
         _require(self.grad_accum_steps > 0, f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
         _require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _require(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
+        _require(0 <= self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}")
 
 
 @dataclass
@@ -288,7 +361,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {where}")
 
 
-def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -304,7 +377,7 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     for section in values:
         if section not in SECTIONS:
             raise KdloraError(f"unknown config section '{section}'{_suggest(section, SECTIONS)}")
-    sections = {name: _build_section(cls, values.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    sections = {name: build_section(cls, values.get(name) or {}, name) for name, cls in SECTIONS.items()}
     return RunConfig(**sections)
 
 

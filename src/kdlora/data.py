@@ -1,4 +1,5 @@
-"""GLUE data: read a split from TSV, `datasets` or a save_to_disk directory; tokenise; batch with dynamic padding.
+"""Data: read a split (GLUE TSV, `datasets`, save_to_disk, or the user's own CSV/TSV/JSON/JSONL/Parquet files);
+tokenise; batch with dynamic padding.
 
 Every example carries an integer `id` that is stable across runs (its row in the split), so cached teacher logits
 are looked up by example and never by batch position.
@@ -6,7 +7,11 @@ are looked up by example and never by batch position.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlora.config import DataArgs
 from kdlora.errors import KdloraError
-from kdlora.tasks import Task, get_task
+from kdlora.tasks import Task, custom_task, get_task
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class Example:
     text_a: str
     text_b: str | None
     label: int | float | None  # class id, regression target, or None for unlabelled test rows
+    key: str | None = None  # the user's own id (--id-column), carried into predictions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,7 +147,11 @@ def _find_local_source(data_dir: Path, task: Task) -> tuple[str, Path]:
 
 
 def read_split(args: DataArgs, split: str) -> list[Example]:
-    """Read one split of args.task from args.data_dir (GLUE TSV or save_to_disk) or from the `datasets` hub."""
+    """Read one split: the user's own data, or args.task from args.data_dir (GLUE TSV or save_to_disk) or the hub."""
+    if args.custom:
+        task = load_task(args)
+        rows, source = _custom_rows(args, split)
+        return _custom_examples(rows, task, args, split, source)
     task = get_task(args.task)
     if args.data_dir:
         kind, where = _find_local_source(Path(args.data_dir), task)
@@ -167,6 +177,214 @@ def read_split(args: DataArgs, split: str) -> list[Example]:
             "pass --data-dir with GLUE TSVs or a save_to_disk directory"
         ) from exc
     return _from_hf(rows, task, split, task.hf_text, args.dataset)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Your own data: files read with `datasets`' local builders, a dataset by name, or a save_to_disk directory
+
+FILE_TYPES: dict[str, tuple[str, dict[str, str]]] = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+# Column names tried, in order, when --text-columns is not given.
+TEXT_GUESSES = (
+    ("sentence1", "sentence2"),
+    ("premise", "hypothesis"),
+    ("question1", "question2"),
+    ("text",),
+    ("sentence",),
+)
+
+
+def load_task(args: DataArgs) -> Task:
+    """The task of `args`: a GLUE task from the registry, or one built from the user's training split (its text and
+    label columns; the labels, sorted, unless --labels fixes them; regression when the labels are floats)."""
+    if not args.custom:
+        return get_task(args.task)
+    rows, source = _custom_rows(args, "train")
+    text_columns = tuple(args.text_columns or _guess_text_columns(rows.column_names, source))
+    _require_columns(rows.column_names, [*text_columns, args.label_column], source)
+    values = rows[args.label_column]
+    dtype = getattr(rows.features[args.label_column], "dtype", "")
+    regression = args.problem == "regression" or (args.problem == "auto" and dtype.startswith("float"))
+    if regression:
+        return custom_task(args.task, text_columns, args.label_column, (), args.metric)
+    if any(v is None for v in values):
+        row = next(i for i, v in enumerate(values) if v is None)
+        raise KdloraError(f"{source} row {row + 1}: the label column '{args.label_column}' is empty")
+    found = sorted({label_key(v) for v in values}, key=_label_order)
+    if args.labels:
+        unknown = [v for v in found if v not in args.labels]
+        if unknown:
+            raise KdloraError(f"{source} has label(s) {', '.join(unknown[:5])} not in --labels {','.join(args.labels)}")
+    if len(found) < 2:
+        raise KdloraError(
+            f"{source}: the training split has a single class ({', '.join(found)}): a classifier needs two or more"
+        )
+    return custom_task(args.task, text_columns, args.label_column, tuple(args.labels or found), args.metric)
+
+
+def label_key(value: Any) -> str:
+    """A label value as the string it is matched and saved by (id2label): 'pos', '3', 'true'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _label_order(key: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(key), key)  # numbers in numeric order: 2 before 10
+    except ValueError:
+        return (1, 0.0, key)
+
+
+def _guess_text_columns(columns: Sequence[str], source: str) -> tuple[str, ...]:
+    for guess in TEXT_GUESSES:
+        if all(c in columns for c in guess):
+            return guess
+    raise KdloraError(
+        f"{source}: pass --text-columns (one column, or two for a pair); found columns {', '.join(columns)}"
+    )
+
+
+def _require_columns(columns: Sequence[str], needed: Sequence[str], source: str) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise KdloraError(
+            f"{source} has no column {', '.join(repr(c) for c in missing)}; found {', '.join(repr(c) for c in columns)}"
+        )
+
+
+def _custom_rows(args: DataArgs, split: str) -> tuple[Any, str]:
+    """The rows of one split of the user's data (a `datasets.Dataset`) and where they came from, for messages."""
+    if args.train_file:
+        path = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}[split]
+        if path is None:
+            raise KdloraError(f"no --{split}-file was given")
+        p = Path(path)
+        if not p.is_file():
+            raise KdloraError(f"{path} does not exist")
+        stat = p.stat()
+        return read_table(str(p.resolve()), stat.st_mtime_ns, stat.st_size), path
+    name = args.validation_split if split == "validation" else split
+    return _dataset_split(args.dataset, args.dataset_config, name), f"{args.dataset} split '{name}'"
+
+
+@functools.lru_cache(maxsize=8)
+def read_table(path: str, mtime_ns: int = 0, size: int = 0) -> Any:
+    """One data file as a `datasets.Dataset`, in memory; cached per (path, modification time, size)."""
+    import datasets
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise KdloraError(f"{path}: unknown file type '{suffix}'; use {', '.join(FILE_TYPES)}")
+    if size == 0 and Path(path).stat().st_size == 0:
+        raise KdloraError(f"{path} is empty")
+    builder, options = FILE_TYPES[suffix]
+    with tempfile.TemporaryDirectory() as cache:  # no stale cache of an edited file, and nothing left behind
+        try:
+            rows = datasets.load_dataset(
+                builder, data_files=path, split="train", cache_dir=cache, keep_in_memory=True, **options
+            )
+        except Exception as exc:  # pandas/pyarrow parse errors: one line that names the file
+            if "corresponds to no data" in str(exc):
+                raise KdloraError(f"{path} has no data rows") from None
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise KdloraError(f"could not read {path} as {builder}: {reason[:200]}") from exc
+    if len(rows) == 0:
+        raise KdloraError(f"{path} has no data rows")
+    return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_split(name: str, config: str | None, split: str) -> Any:
+    import datasets
+
+    if Path(name).expanduser().is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(Path(name).expanduser()))
+        except Exception as exc:
+            raise KdloraError(f"{name} is not a save_to_disk directory ({type(exc).__name__})") from exc
+        if isinstance(loaded, datasets.Dataset):
+            raise KdloraError(f"{name} holds one split; save a DatasetDict with train and validation splits")
+        if split not in loaded:
+            raise KdloraError(f"{name} has no split '{split}'; it has {', '.join(loaded)} (see --validation-split)")
+        return loaded[split]
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # offline, unknown name or split: one line
+        raise KdloraError(
+            f"could not load split '{split}' of dataset {name} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}); pass --train-file with local files"
+        ) from exc
+
+
+def _custom_examples(rows: Any, task: Task, args: DataArgs, split: str, source: str) -> list[Example]:
+    """Examples of one split of the user's data, every cell checked: text present and textual, labels known (a
+    validation label never seen in training is an error), regression targets finite, ids unique."""
+    labelled = split != "test"
+    needed = [
+        *task.text_columns,
+        *([task.tsv_label] if labelled else []),
+        *([args.id_column] if args.id_column else []),
+    ]
+    _require_columns(rows.column_names, needed, source)
+    columns = {c: rows[c] for c in needed}
+    label_ids = {label: i for i, label in enumerate(task.labels)}
+    examples, seen = [], set()
+    for row in range(len(rows)):
+        where = f"{source} row {row + 1}"
+        texts = []
+        for c in task.text_columns:
+            value = columns[c][row]
+            if not isinstance(value, str):
+                kind = "empty" if value is None else f"not text ({value!r})"
+                raise KdloraError(f"{where}: column '{c}' is {kind}")
+            if not value.strip():
+                raise KdloraError(f"{where}: column '{c}' is empty")
+            texts.append(value)
+        label = columns[task.tsv_label][row] if labelled else None
+        if labelled:
+            label = _custom_label(label, task, label_ids, split, where)
+        key = None
+        if args.id_column:
+            key = label_key(columns[args.id_column][row])
+            if key in seen:
+                raise KdloraError(f"{where}: id {key!r} in column '{args.id_column}' appears twice")
+            seen.add(key)
+        examples.append(Example(row, texts[0], texts[1] if len(texts) > 1 else None, label, key))
+    return examples
+
+
+def _custom_label(value: Any, task: Task, label_ids: dict[str, int], split: str, where: str) -> int | float:
+    if value is None:
+        raise KdloraError(f"{where}: the label column '{task.tsv_label}' is empty")
+    if task.is_regression:
+        try:
+            target = float(value)
+        except (TypeError, ValueError):
+            target = math.nan
+        if not math.isfinite(target):
+            raise KdloraError(f"{where}: label {value!r} is not a finite number (a regression target)")
+        return target
+    key = label_key(value)
+    if key not in label_ids:
+        seen = "the training split" if split != "train" else "--labels"
+        raise KdloraError(f"{where}: label {key!r} is not among the labels of {seen} ({', '.join(task.labels)})")
+    return label_ids[key]
+
+
+def data_fingerprint(examples: Sequence[Example], task: Task) -> str:
+    """sha256 of a split's examples (ids, texts, labels) and the task's label map: which data a model saw."""
+    h = hashlib.sha256(json.dumps([task.name, task.labels, task.text_columns]).encode())
+    for e in examples:
+        h.update(json.dumps([e.id, e.text_a, e.text_b, e.label]).encode())
+    return h.hexdigest()
 
 
 def load_splits(args: DataArgs, splits: Sequence[str]) -> dict[str, list[Example]]:
@@ -199,7 +417,8 @@ class TokenizedDataset(Dataset):
     ) -> None:
         texts_a = [e.text_a for e in examples]
         texts_b = [e.text_b for e in examples] if examples and examples[0].text_b is not None else None
-        enc = tokenizer(texts_a, texts_b, truncation=True, max_length=max_length)
+        limit = tokenizer.model_max_length  # the model's position table (models.prepare_tokenizer): cut, never crash
+        enc = tokenizer(texts_a, texts_b, truncation=True, max_length=min(max_length, limit or max_length))
         self.features = [{k: enc[k][i] for k in enc.keys()} for i in range(len(examples))]
         self.ids = [e.id for e in examples]
         self.labels = [e.label for e in examples]
@@ -331,3 +550,80 @@ def build_loaders(
         for s in task.eval_splits
     }
     return Loaders(train, sampler, evals)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Raw rows to predict: streamed, so memory stays flat in the file's size
+
+RAW_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
+
+
+def iter_raw_rows(
+    path: str | Path, text_columns: Sequence[str] | None, id_column: str | None = None
+) -> Iterator[tuple[str, str, str | None]]:
+    """(id, text, second text or None) per row of a CSV/TSV/JSONL/JSON/Parquet file, or per line of a text file.
+    The id is the --id-column value, else the row number from 0. Without `text_columns` they are guessed as in
+    training (text, sentence, sentence1+sentence2, ...). Every cell is checked as it is read."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise KdloraError(f"{path} does not exist")
+    if suffix not in RAW_TYPES:
+        raise KdloraError(f"{path}: unknown file type '{suffix}'; use {', '.join(RAW_TYPES)}")
+    if path.stat().st_size == 0:
+        raise KdloraError(f"{path} is empty")
+    if suffix == ".txt":
+        if text_columns and len(text_columns) > 1:
+            raise KdloraError(f"{path}: a text file holds one text a line; a pair model needs a CSV or JSONL file")
+        yield from _txt_rows(path)
+        return
+    columns: tuple[str, ...] | None = None
+    for row, record in enumerate(_records(path, suffix)):
+        where = f"{path} row {row + 1}"
+        if not isinstance(record, dict):
+            raise KdloraError(f"{where}: expected an object with named fields, got {type(record).__name__}")
+        if columns is None:
+            columns = tuple(text_columns or _guess_text_columns(list(record), str(path)))
+            _require_columns(list(record), [*columns, *([id_column] if id_column else [])], str(path))
+        texts = []
+        for c in columns:
+            value = record.get(c)
+            if not isinstance(value, str) or not value.strip():
+                raise KdloraError(f"{where}: column '{c}' is {'empty' if not value else f'not text ({value!r})'}")
+            texts.append(value)
+        key = label_key(record[id_column]) if id_column else str(row)
+        yield key, texts[0], texts[1] if len(texts) > 1 else None
+
+
+def _txt_rows(path: Path) -> Iterator[tuple[str, str, None]]:
+    with path.open(encoding="utf-8-sig") as f:
+        for row, line in enumerate(f):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                raise KdloraError(f"{path} line {row + 1} is empty: one text a line")
+            yield str(row), text, None
+
+
+def _records(path: Path, suffix: str) -> Iterator[Any]:
+    """The file's records one by one (a .json array is the one format read whole)."""
+    import csv
+
+    try:
+        if suffix in (".csv", ".tsv"):
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        elif suffix == ".jsonl":
+            with path.open(encoding="utf-8-sig") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+        elif suffix == ".json":
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+            yield from records if isinstance(records, list) else [records]
+        else:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KdloraError(f"could not read {path}: {str(exc).splitlines()[0][:200]}") from None

@@ -1,7 +1,13 @@
-"""Predict and evaluate: over a loader, on a task's splits, from a saved model; GLUE test-set submissions."""
+"""Predict and evaluate: over a loader, on a task's splits, from a saved model; GLUE test-set submissions;
+predictions written for the user's rows (a run's --test-file, or any raw file with `kdlora predict --input-file`)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,13 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdlora.config import DataArgs
-from kdlora.data import TokenizedDataset, eval_loader, load_splits
+from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, load_splits
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_text
+from kdlora.io import atomic_write_text, give_default_mode
 from kdlora.metrics import combine_splits, compute_metrics
-from kdlora.models import load_tokenizer
+from kdlora.models import load_tokenizer, prepare_tokenizer
 from kdlora.rundir import model_dir
-from kdlora.tasks import Task, get_task
+from kdlora.tasks import Task
 
 
 @torch.inference_mode()
@@ -45,16 +51,16 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task,
     return combine_splits(task, per_split)
 
 
-def load_saved(path: str | Path, task_name: str) -> tuple[Task, torch.nn.Module, Any]:
+def load_saved(path: str | Path, task: Task) -> tuple[torch.nn.Module, Any]:
     """A saved classifier (a finished run's merged model, or a model directory) checked against the task, and its
     tokenizer."""
     from transformers import AutoModelForSequenceClassification
 
-    task, path = get_task(task_name), model_dir(path)
+    path = model_dir(path)
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if model.config.num_labels != task.num_labels:
         raise KdloraError(f"{path} has {model.config.num_labels} labels; {task.name} has {task.num_labels}")
-    return task, model, load_tokenizer(str(path))
+    return model, prepare_tokenizer(load_tokenizer(str(path)), model.config, str(path))
 
 
 def split_loaders(task: Task, tokenizer: Any, data: DataArgs, splits: tuple[str, ...], batch_size: int) -> dict:
@@ -75,3 +81,119 @@ def write_submission(task: Task, split: str, out: dict[str, torch.Tensor], path:
         lines = [f"{i}\t{task.labels[int(p)]}" for i, p in rows]
     atomic_write_text(path, "index\tprediction\n" + "\n".join(lines) + "\n")
     return len(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Predictions for the user's rows
+
+
+class PredictionWriter:
+    """Rows of predictions to a .csv (id, label, prob_<label>...; or id, prediction) or .jsonl file, written beside
+    it under a temporary name and renamed into place only when complete."""
+
+    def __init__(self, path: str | Path, label_names: Sequence[str], regression: bool) -> None:
+        self.path, self.names, self.regression = Path(path), list(label_names), regression
+        if self.path.suffix.lower() not in (".csv", ".jsonl"):
+            raise KdloraError(f"{self.path}: write predictions to a .csv or .jsonl file")
+        self.rows = 0
+
+    def __enter__(self) -> PredictionWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "w", newline="")
+        if self.path.suffix.lower() == ".csv":
+            probs = [] if self.regression else [f"prob_{n}" for n in self.names]
+            self.csv = csv.writer(self.file)
+            self.csv.writerow(["id", "prediction"] if self.regression else ["id", "label", *probs])
+        return self
+
+    def write(self, keys: Sequence[str], logits: torch.Tensor) -> None:
+        """One row per key: the predicted label and the class probabilities (or the predicted value)."""
+        logits = logits.float()
+        if self.regression:
+            values = logits.squeeze(-1).tolist()
+            rows = [[k, round(v, 6)] for k, v in zip(keys, values, strict=True)]
+        else:
+            probs = logits.softmax(-1).tolist()
+            rows = [[k, self.names[max(range(len(p)), key=p.__getitem__)], *(round(x, 6) for x in p)]
+                    for k, p in zip(keys, probs, strict=True)]  # fmt: skip
+        for row in rows:
+            if self.path.suffix.lower() == ".csv":
+                self.csv.writerow(row)
+            elif self.regression:
+                self.file.write(json.dumps({"id": row[0], "prediction": row[1]}) + "\n")
+            else:
+                record = {"id": row[0], "label": row[1], "probabilities": dict(zip(self.names, row[2:], strict=True))}
+                self.file.write(json.dumps(record) + "\n")
+        self.rows += len(rows)
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        self.file.close()
+        if kind is None:
+            give_default_mode(self.tmp)
+            os.replace(self.tmp, self.path)
+        else:
+            Path(self.tmp).unlink(missing_ok=True)
+
+
+def write_test_predictions(
+    path: Path, model: Any, tokenizer: Any, examples: list[Example], task: Task, max_length: int, batch_size: int,
+    accelerator: Any,
+) -> int:  # fmt: skip
+    """A run's --test-file rows, predicted by the trained model, in the file's order. Returns the number of rows."""
+    dataset = TokenizedDataset(examples, tokenizer, max_length)
+    loader = accelerator.prepare(eval_loader(dataset, tokenizer, batch_size, task.is_regression))
+    out = predict(model, loader, accelerator, task.is_regression)
+    by_id = dict(zip(out["ids"].tolist(), out["logits"], strict=True))
+    if not accelerator.is_main_process:
+        return len(examples)
+    with PredictionWriter(path, task.label_names, task.is_regression) as writer:
+        keys = [e.key if e.key is not None else str(e.id) for e in examples]
+        writer.write(keys, torch.stack([by_id[e.id] for e in examples]))
+    return writer.rows
+
+
+@torch.inference_mode()
+def predict_file(
+    model_path: str | Path,
+    input_file: str | Path,
+    output_file: str | Path,
+    text_columns: Sequence[str] | None = None,
+    id_column: str | None = None,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> int:
+    """Predict every row of a raw file (CSV, TSV, JSONL, JSON, Parquet or one text a line) with a saved classifier, in
+    input order, a batch at a time: memory stays flat in the file's size. Returns the number of rows written."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.env import default_device
+
+    path = model_dir(model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    tokenizer = prepare_tokenizer(load_tokenizer(str(path)), model.config, str(path))
+    device = default_device()
+    model.to(device).eval()
+    n = model.config.num_labels
+    regression = model.config.problem_type == "regression" or n == 1
+    names = [str(model.config.id2label.get(i, i)) for i in range(n)]
+    rows = iter_raw_rows(input_file, text_columns, id_column)
+    with PredictionWriter(output_file, names, regression) as writer:
+        for chunk in _chunks(rows, batch_size):
+            keys, texts_a, texts_b = zip(*chunk, strict=True)
+            pair = list(texts_b) if texts_b[0] is not None else None
+            limit = min(max_length, tokenizer.model_max_length or max_length)
+            enc = tokenizer(list(texts_a), pair, truncation=True, max_length=limit, padding=True, return_tensors="pt")
+            writer.write(list(keys), model(**enc.to(device)).logits.cpu())
+    return writer.rows
+
+
+def _chunks(rows: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

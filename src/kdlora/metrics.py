@@ -1,4 +1,4 @@
-"""GLUE metrics on the paper's 0-100 scale, computed with scikit-learn and scipy."""
+"""Task metrics on the paper's 0-100 scale, computed with scikit-learn and scipy."""
 
 from __future__ import annotations
 
@@ -12,24 +12,39 @@ from kdlora.tasks import Task
 
 
 def compute_metrics(task: Task, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
-    """Named metrics of one evaluation split, plus `score`: the task's single figure on a 0-100 scale.
+    """Named metrics of one evaluation split, plus `score`: the task's metric on a 0-100 scale (higher is better).
 
-    predictions are class ids for classification tasks and real values for STS-B.
+    predictions are class ids for classification and real values for regression. A GLUE task reports its own
+    metrics; the user's own task reports accuracy and macro-F1 (classification) or Pearson, Spearman and MSE
+    (regression) beside its chosen metric.
     """
     preds, golds = np.asarray(predictions), np.asarray(labels)
-    if task.metric == "matthews":
-        mcc = float(matthews_corrcoef(golds, preds))
-        return {"matthews_correlation": mcc, "score": 100 * mcc}
-    if task.metric == "pearson_spearman":
+    if task.is_regression:
         # A constant prediction has no correlation; scipy returns nan, which we report as 0.
         pearson = float(np.nan_to_num(pearsonr(preds, golds)[0])) if np.std(preds) > 0 else 0.0
         spearman = float(np.nan_to_num(spearmanr(preds, golds)[0])) if np.std(preds) > 0 else 0.0
-        return {"pearson": pearson, "spearman": spearman, "score": 100 * (pearson + spearman) / 2}
-    accuracy = float(accuracy_score(golds, preds))
-    if task.metric == "accuracy_f1":
-        f1 = float(f1_score(golds, preds))
-        return {"accuracy": accuracy, "f1": f1, "score": 100 * (accuracy + f1) / 2}
-    return {"accuracy": accuracy, "score": 100 * accuracy}
+        named = {"pearson": pearson, "spearman": spearman}
+        if task.custom:
+            named["mse"] = float(np.mean((preds - golds) ** 2))
+        score = {"pearson": pearson, "spearman": spearman}.get(task.metric, (pearson + spearman) / 2)
+        return {**named, "score": 100 * score}
+    values = {
+        "accuracy": lambda: float(accuracy_score(golds, preds)),
+        "f1": lambda: float(f1_score(golds, preds, zero_division=0)),
+        "macro_f1": lambda: float(
+            f1_score(golds, preds, average="macro", labels=range(task.num_labels), zero_division=0)
+        ),
+        "matthews_correlation": lambda: float(matthews_corrcoef(golds, preds)),
+    }
+    shown = {
+        "matthews": ["matthews_correlation"],
+        "accuracy_f1": ["accuracy", "f1"],
+        "accuracy": ["accuracy"],
+        "f1": ["f1"],
+        "macro_f1": ["macro_f1"],
+    }[task.metric]
+    named = {k: values[k]() for k in (["accuracy", "macro_f1"] if task.custom else []) + shown}
+    return {**named, "score": 100 * float(np.mean([named[k] for k in shown]))}
 
 
 def combine_splits(task: Task, per_split: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

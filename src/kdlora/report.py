@@ -194,13 +194,15 @@ def averages(cells: dict[tuple[str, str], Cell]) -> tuple[list[str], dict[str, C
 def rank_counts(run: Run, ranks: Sequence[int] = RANKS) -> list[dict[str, Any]]:
     from kdlora.config import LoraArgs
     from kdlora.models import build_model, count_parameters, deployed_parameters
-    from kdlora.tasks import get_task
+    from kdlora.tasks import task_of_model
 
     rows = []
     targets = run.config.get("lora", {}).get("target_modules")
     for rank in [None] if run.method == "fft" else ranks:
         lora = LoraArgs(r=rank, lora_alpha=2 * rank, target_modules=targets) if rank else None
-        model, _ = build_model(str(merged_dir(run.path)), get_task(run.task), run.method, lora, weights=False)
+        merged = merged_dir(run.path)
+        task = task_of_model(run.task, json.loads((merged / "config.json").read_text()))
+        model, _ = build_model(str(merged), task, run.method, lora, weights=False)
         rows.append(
             {"method": run.method, "rank": rank, **count_parameters(model), "total_params": deployed_parameters(model)}
         )

@@ -10,15 +10,20 @@
       merged/          a plain transformers model and tokenizer (LoRA folded in)
       metrics.json     written last: its "status": "finished" marks a finished run
       inference.json   `kdlora compare`: timings of the merged model
+      predictions.csv  with --test-file: the test rows' predicted labels and probabilities
+      .lock            while a run uses the directory: its process id and host
 
 A directory with a config.yaml is a run; a run with a finished metrics.json is finished. Nothing else counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,8 @@ LOGITS = "logits"
 STUDENT_BASE = "student_base"
 ADAPTER = "adapter"
 MERGED = "merged"
+PREDICTIONS = "predictions.csv"
+LOCK = ".lock"
 # What `kdlora report` reads of a run: everything but the weights (the architecture is merged/config.json).
 SMALL_FILES = (CONFIG, METRICS, INFERENCE, f"{MERGED}/config.json")
 
@@ -144,7 +151,7 @@ def check(cfg: RunConfig) -> bool:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise KdloraError(f"--output-dir {out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()) and not cfg.train.overwrite:
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not cfg.train.overwrite:
         if read_run(out) is not None:
             raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
         if not is_run(out):
@@ -165,9 +172,62 @@ def clear(cfg: RunConfig) -> None:
     out = Path(cfg.train.output_dir)
     if out.is_dir():
         for child in out.iterdir():
-            if not (child.name == TEACHER and cfg.train.method == "kd-lora"):
+            if child.name != LOCK and not (child.name == TEACHER and cfg.train.method == "kd-lora"):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def locked(out: str | Path) -> Iterator[None]:
+    """Hold OUT/.lock while a run uses the directory, so that a second run into it stops at once instead of clearing
+    the first one's files. A lock left by a process that is gone (on this host) is taken over."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KdloraError(f"--output-dir {out} is a file, not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    path, me = out / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and not _alive(holder):
+                path.unlink(missing_ok=True)  # a stale lock: its process died without removing it
+                continue
+            who = f"process {holder['pid']} on {holder['host']}" if holder else "another process"
+            raise KdloraError(
+                f"{out} is in use by {who}: wait for that run to end or use another --output-dir "
+                f"(if no run is alive there, delete {path})"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        if _lock_holder(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # gone, or being written this instant
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process still runs; one on another host is taken to."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,8 +238,14 @@ def write_config(cfg: RunConfig) -> None:
     save_config(cfg, Path(cfg.train.output_dir) / CONFIG)
 
 
-def _save_model(path: Path, model: Any, tokenizer: Any) -> None:
-    atomic_write_dir(path, lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d)))
+def _save_model(path: Path, model: Any, tokenizer: Any, card: str | None = None) -> None:
+    def write(d: Path) -> None:
+        model.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        if card is not None:  # after save_pretrained: peft writes a README.md of its own
+            (d / "README.md").write_text(card)
+
+    atomic_write_dir(path, write)
 
 
 def student_base_dir(out: str | Path) -> Path:
@@ -192,16 +258,16 @@ def save_student_base(out: str | Path, model: Any, tokenizer: Any) -> Path:
     return student_base_dir(out)
 
 
-def save_outputs(out: str | Path, model: Any, tokenizer: Any, method: str) -> float:
+def save_outputs(out: str | Path, model: Any, tokenizer: Any, method: str, card: str | None = None) -> float:
     """adapter/ (the peft adapter with the head) for the LoRA methods, and merged/: a plain transformers model and
-    tokenizer. Returns the merged weights' size in MB."""
+    tokenizer; each with the model card as README.md. Returns the merged weights' size in MB."""
     from kdlora.models import merge
 
     out = Path(out)
     if method != "fft":
-        _save_model(out / ADAPTER, model, tokenizer)
+        _save_model(out / ADAPTER, model, tokenizer, card)
         model = merge(model)
-    _save_model(out / MERGED, model, tokenizer)
+    _save_model(out / MERGED, model, tokenizer, card)
     return sum(f.stat().st_size for f in (out / MERGED).glob("*.safetensors")) / 2**20
 
 

@@ -1,13 +1,18 @@
-"""The GLUE task registry: columns, labels, metric, splits and file names of each task."""
+"""Tasks: the GLUE registry (columns, labels, metric, splits and file names of each task) and tasks built from the
+user's own data (its columns, its labels, a metric chosen by name)."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from kdlora.errors import KdloraError
 
-Metric = Literal["matthews", "pearson_spearman", "accuracy_f1", "accuracy"]
+Metric = Literal["matthews", "pearson_spearman", "accuracy_f1", "accuracy", "f1", "macro_f1", "pearson", "spearman"]
+METRICS: tuple[str, ...] = typing.get_args(Metric)
+REGRESSION_METRICS = ("pearson_spearman", "pearson", "spearman")
+METRIC_ALIASES = {"mcc": "matthews", "matthews_correlation": "matthews", "acc": "accuracy", "f1_macro": "macro_f1"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,11 @@ class Task:
     split_files: dict[str, str] = field(
         default_factory=lambda: {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
     )
+    custom: bool = False  # built from the user's data: tsv_text/tsv_label are then its text and label columns
+
+    @property
+    def text_columns(self) -> tuple[str, ...]:
+        return self.tsv_text
 
     @property
     def is_regression(self) -> bool:
@@ -164,9 +174,71 @@ TASKS: dict[str, Task] = {
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
 
 
-def get_task(name: str) -> Task:
+def glue_name(name: str) -> str | None:
+    """The registry name of a GLUE task (aliases and case allowed), or None."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in TASKS:
-        raise KdloraError(f"unknown task '{name}': choose one of {', '.join(TASKS)}")
+    return key if key in TASKS else None
+
+
+def get_task(name: str) -> Task:
+    key = glue_name(name)
+    if key is None:
+        raise KdloraError(
+            f"unknown task '{name}': choose one of {', '.join(TASKS)}, or bring your own data with --train-file"
+        )
     return TASKS[key]
+
+
+def metric_name(name: str) -> Metric:
+    """A metric's canonical name ('mcc' -> 'matthews'), or a one-line error listing them."""
+    key = name.strip().lower().replace("-", "_")
+    key = METRIC_ALIASES.get(key, key)
+    if key not in METRICS:
+        raise KdloraError(f"unknown metric '{name}': choose one of {', '.join(METRICS)} (or mcc)")
+    return key  # type: ignore[return-value]
+
+
+def custom_task(
+    name: str,
+    text_columns: tuple[str, ...],
+    label_column: str,
+    labels: tuple[str, ...],
+    metric: str | None,
+) -> Task:
+    """A task over the user's own data. `labels` are the class values in class-id order, () for regression. The
+    default metric is accuracy (macro-F1 is reported beside it) or, for regression, the Pearson/Spearman mean."""
+    regression = not labels
+    chosen = metric_name(metric) if metric else ("pearson_spearman" if regression else "accuracy")
+    if regression != (chosen in REGRESSION_METRICS):
+        kind = "regression" if regression else "classification"
+        raise KdloraError(f"metric {chosen} does not fit a {kind} task; use {_fitting(regression)}")
+    if chosen in ("f1", "accuracy_f1") and len(labels) != 2:
+        raise KdloraError(f"metric {chosen} is the binary F1 and this task has {len(labels)} classes: use macro_f1")
+    return Task(
+        name=name,
+        glue_dir="",
+        tsv_text=tuple(text_columns),
+        tsv_label=label_column,
+        hf_text=tuple(text_columns),
+        labels=tuple(labels),
+        label_names=tuple(labels) if labels else (label_column,),
+        metric=chosen,
+        custom=True,
+    )
+
+
+def _fitting(regression: bool) -> str:
+    return ", ".join(m for m in METRICS if (m in REGRESSION_METRICS) == regression)
+
+
+def task_of_model(name: str, config: dict) -> Task:
+    """The task a saved classifier was trained for, as its config.json tells: a GLUE task by name, else one built
+    from its label map (id2label, problem_type)."""
+    if glue_name(name):
+        return get_task(name)
+    id2label = config.get("id2label") or {}
+    n = config.get("num_labels") or len(id2label)
+    if config.get("problem_type") == "regression" or n == 1:
+        return custom_task(name, ("text",), "label", (), None)
+    return custom_task(name, ("text",), "label", tuple(str(id2label.get(str(i), i)) for i in range(n)), None)

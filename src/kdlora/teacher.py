@@ -92,6 +92,10 @@ def teacher_model_dir(run_dir: Path, task: Task) -> Path:
         raise KdloraError(
             f"--teacher {run_dir} has {config.get('num_labels')} labels; {task.name} has {task.num_labels}"
         )
+    names = tuple(config.get("id2label", {}).get(str(i)) for i in range(task.num_labels))
+    if task.custom and not task.is_regression and names != task.label_names:
+        raise KdloraError(f"--teacher {run_dir} has the labels {', '.join(map(str, names))}; "
+                          f"this data has {', '.join(task.label_names)}")  # fmt: skip
     return model_dir
 
 
@@ -109,10 +113,10 @@ def _compute(
     from transformers import AutoModelForSequenceClassification
 
     from kdlora.data import Collator, eval_batches
-    from kdlora.models import load_tokenizer
+    from kdlora.models import load_tokenizer, prepare_tokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)), model.config, str(model_dir))
     dataset = TokenizedDataset(examples, tokenizer, max_length)
     collate = Collator(tokenizer, task.is_regression)
     logits = torch.empty(len(dataset), task.num_labels)

@@ -9,6 +9,7 @@ logits. `TrainStep` is the one training step: the loop, `kdlora bench` and the b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
@@ -20,15 +21,16 @@ from typing import Any
 import torch
 
 from kdlora import __version__, rundir
+from kdlora.card import model_card
 from kdlora.checkpoint import Checkpoint, Progress, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kdlora.config import KDArgs, RunConfig, TrainArgs
-from kdlora.data import Batch, Example, build_loaders, load_splits
+from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_splits, load_task
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
-from kdlora.evaluate import evaluate
+from kdlora.evaluate import evaluate, write_test_predictions
 from kdlora.losses import objective
-from kdlora.models import add_lora, build_model, count_parameters, deployed_parameters
-from kdlora.tasks import Task, get_task
+from kdlora.models import add_lora, build_model, check_model, count_parameters, deployed_parameters
+from kdlora.tasks import Task
 from kdlora.teacher import teacher_logits, teacher_model_dir
 
 SYNC_EVERY = 25  # optimizer steps between moving the logged losses to the host (and checking them)
@@ -39,18 +41,48 @@ SYNC_EVERY = 25  # optimizer steps between moving the logged losses to the host 
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """`kdlora train`: prepare the output directory, get a teacher when distilling, fit. Returns the metrics record."""
+    """`kdlora train`: check everything, hold the output directory, get a teacher when distilling, fit. Returns the
+    metrics record."""
     state = process_state()
-    resume = rundir.check(cfg)
-    state.wait_for_everyone()  # all processes have looked before the main one changes anything
-    if state.is_main_process and not resume:
-        rundir.clear(cfg)
-    state.wait_for_everyone()
-    teacher_run = None
-    if cfg.train.method == "kd-lora":
-        teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg)
-        teacher_model_dir(teacher_run, get_task(cfg.data.task))  # fail now, not after loading data
-    return fit(cfg, teacher_run, resume)
+    task = preflight(cfg)
+    with rundir.locked(cfg.train.output_dir) if state.is_main_process else contextlib.nullcontext():
+        resume = rundir.check(cfg)
+        state.wait_for_everyone()  # all processes have looked before the main one changes anything
+        if state.is_main_process and not resume:
+            rundir.clear(cfg)
+        state.wait_for_everyone()
+        teacher_run = None
+        if cfg.train.method == "kd-lora":
+            teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg)
+            teacher_model_dir(teacher_run, task)
+        return fit(cfg, teacher_run, resume)
+
+
+def preflight(cfg: RunConfig) -> Task:
+    """Everything that can fail, before anything trains: the data (files, columns, every cell, the labels), a finished
+    teacher run, and each model the run builds, on the meta device (loadable, LoRA targets, student layers, its
+    tokenizer, max length). So a bad student setting fails in seconds, not after the teacher's fine-tuning."""
+    task = load_task(cfg.data)
+    load_splits(cfg.data, data_splits(cfg, task))
+    m, models = cfg.model, []
+    if cfg.train.method != "kd-lora":
+        models.append((m.name, cfg.train.method, None))
+    else:
+        if m.teacher:
+            teacher_model_dir(Path(m.teacher), task)
+        else:
+            models.append((m.teacher_model, "fft", None))
+        # A student cut from the fine-tuned teacher has its checkpoint's architecture: check that checkpoint.
+        source = m.name or (m.teacher_model or (rundir.read_config(m.teacher) or {}).get("model", {}).get("name"))
+        models.append((source, "kd-lora", m.student_layers))
+    for name, method, layers in models:
+        check_model(name, task, method, cfg.lora, layers, cfg.data.max_length, m.trust_remote_code)
+    return task
+
+
+def data_splits(cfg: RunConfig, task: Task) -> list[str]:
+    """The splits a run reads: train, the evaluation split(s), and the test rows it predicts when given."""
+    return ["train", *task.eval_splits, *(["test"] if cfg.data.test_file else [])]
 
 
 def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
@@ -91,7 +123,7 @@ def model_source(cfg: RunConfig, teacher_run: Path | None) -> tuple[str, list[in
     m = cfg.model
     if cfg.train.method == "kd-lora" and m.student_layers:
         if m.student_init == "teacher":
-            return str(teacher_model_dir(teacher_run, get_task(cfg.data.task))), m.student_layers
+            return str(teacher_model_dir(teacher_run, load_task(cfg.data))), m.student_layers
         return rundir.read_config(teacher_run)["model"]["name"], m.student_layers
     return m.name, None
 
@@ -239,14 +271,14 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    tc, task, out = cfg.train, get_task(cfg.data.task), Path(cfg.train.output_dir)
+    tc, task, out = cfg.train, load_task(cfg.data), Path(cfg.train.output_dir)
     accelerator = build_accelerator(tc)
     main, quiet = accelerator.is_main_process, tc.quiet or not accelerator.is_main_process
     if main:
         rundir.write_config(cfg)
 
     # Data, then the teacher's logits (by example id), then the model: the teacher is gone before the student loads.
-    splits = load_splits(cfg.data, ["train", *task.eval_splits])
+    splits = load_splits(cfg.data, data_splits(cfg, task))
     logits, teacher_record = distil_targets(cfg, task, teacher_run, splits["train"], accelerator, quiet)
     set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
     source, layers = model_source(cfg, teacher_run)
@@ -320,8 +352,15 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
             p.copy_(best[n])
     metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, len(loaders.train.dataset))
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
+    metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
+    if "test" in splits:
+        metrics["num_test_predictions"] = write_test_predictions(
+            out / rundir.PREDICTIONS, model, tokenizer, splits["test"], task, cfg.data.max_length,
+            tc.eval_batch_size, accelerator,
+        )  # fmt: skip
     if main:
-        metrics["merged_mb"] = rundir.save_outputs(out, accelerator.unwrap_model(model), tokenizer, tc.method)
+        card = model_card(cfg, task, metrics, source, layers)
+        metrics["merged_mb"] = rundir.save_outputs(out, accelerator.unwrap_model(model), tokenizer, tc.method, card)
         rundir.write_metrics(out, metrics)
     accelerator.wait_for_everyone()
     return {"status": "finished", **metrics}

@@ -1,0 +1,96 @@
+"""The model card (README.md) saved with a run's merged model and adapter, in the Hugging Face convention: YAML
+metadata first (base model, library, tags, metrics), then how the model was made, on which data, and how it scores."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlora.config import RunConfig
+from kdlora.tasks import Task
+
+
+def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str, layers: list[int] | None) -> str:
+    """The card of one finished run: `source` is the checkpoint the model starts from, `layers` those kept of it."""
+    method, lora, kd, m = cfg.train.method, cfg.lora, cfg.kd, cfg.model
+    # The named checkpoint it comes from: a student cut from a fine-tuned teacher comes from the teacher's checkpoint.
+    origin = m.name or m.teacher_model or source
+    meta = {
+        "base_model": origin,
+        "library_name": "peft" if method != "fft" else "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["kdlora", method, *(["lora"] if method != "fft" else [])]
+        + (["knowledge-distillation"] if method == "kd-lora" else []),
+        "datasets": ["nyu-mll/glue"] if not task.custom else [],
+        "metrics": [k for k in metrics.get("epochs", [{}])[0] if k not in ("epoch", "score")],
+    }
+    student = f"encoder layers {','.join(map(str, layers))} of {origin}" if layers else origin
+    how = {
+        "fft": f"every parameter of {source} fine-tuned",
+        "lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {source}, with its head",
+        "kd-lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {student}, with its head, distilled from the "
+        f"fine-tuned teacher {metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with "
+        f"alpha={kd.alpha} on the task loss and temperature {kd.temperature}",
+    }[method]
+    data = cfg.data
+    where = (
+        f"files {data.train_file} (train) and {data.validation_file} (validation)"
+        if data.train_file
+        else (f"dataset {data.dataset}" if task.custom else f"GLUE {task.name} ({data.data_dir or data.dataset})")
+    )
+    labels = ", ".join(task.label_names) if not task.is_regression else f"a real value ({task.tsv_label})"
+    scores = {k: v for k, v in metrics.items() if k in meta["metrics"] or k == "score"}
+    command = shlex.join(["kdlora", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("kdlora", "__main__.py") else None
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {task.name}: {method} of {Path(origin).name}",
+        "",
+        f"A sequence classifier made with kdlora: {how}."
+        + (
+            " The run's merged/ holds LoRA folded into the weights; its adapter/, the peft adapter with the head."
+            if method != "fft"
+            else ""
+        ),
+        "",
+        "## Data",
+        "",
+        f"- {where}; text column(s) {', '.join(task.text_columns)}; labels: {labels}",
+        f"- {metrics.get('num_train_examples')} training examples, fingerprint sha256 "
+        f"{metrics.get('data_fingerprint', '')[:16]}; max length {data.max_length} tokens",
+        "",
+        f"## Scores (validation, epoch {metrics.get('best_epoch')} of {cfg.train.epochs})",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        *[f"| {k} | {_num(v)} |" for k, v in scores.items()],
+        "",
+        "## Size",
+        "",
+        f"{metrics.get('total_params', 0):,} parameters; {metrics.get('trainable_params', 0):,} trained"
+        + (f" ({metrics.get('lora_params', 0):,} of them LoRA)" if metrics.get("lora_params") else ""),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'classifier = pipeline("text-classification", model="PATH/TO/THIS/DIRECTORY")',
+        "```",
+        "",
+        "## Reproduce",
+        "",
+        "The resolved config is the run directory's config.yaml: `kdlora train --config config.yaml`."
+        + (f" This model was made by `{command}`." if command else ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
