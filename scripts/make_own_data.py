@@ -42,7 +42,7 @@ def main() -> None:
         for i, (s, v) in enumerate(dev):
             f.write(json.dumps({"id": f"dev-{i}", "sentence_text": s, "verdict": v}) + "\n")
     (args.out_dir / "unlabelled.txt").write_text("".join(s + "\n" for s, _ in dev))
-    print(f"wrote {len(train)} training rows, {len(dev)} validation rows and {len(dev)} unlabelled lines to {args.out_dir}")
+    print(f"wrote {len(train)} training and {len(dev)} validation rows, {len(dev)} unlabelled lines, to {args.out_dir}")
 
 
 if __name__ == "__main__":

@@ -266,3 +266,30 @@ def test_lora_and_fft_on_regression_pairs(tmp_path, tiny_bert_dir):
         assert main([*argv, "--epochs", "1", "--quiet", "--output-dir", str(tmp_path / method)]) == 0
         metrics = json.loads((tmp_path / method / "metrics.json").read_text())
         assert metrics["task"] == "sim" and {"pearson", "spearman", "mse"} <= set(metrics)
+
+
+def test_compare_sweep_report_and_bench_on_own_data(tmp_path, tiny_bert_dir):
+    """The protocol layer on the user's files: --tasks names the data, the arms read the same files."""
+    train = write(tmp_path / "d" / "train.csv", _rows(48))
+    dev = write(tmp_path / "d" / "dev.csv", _rows(16, seed=1))
+    data = ["--train-file", str(train), "--validation-file", str(dev), "--text-columns", "body"]
+    data += ["--label-column", "tag"]
+    out = tmp_path / "cmp"
+    argv = ["compare", "--tasks", "reviews", "--seeds", "1", "--teacher-model", str(tiny_bert_dir)]
+    argv += ["--student-layers", "0,2", "--epochs", "1", "--inference-runs", "1", "--quiet", "--output-dir", str(out)]
+    assert main([*argv, *data, "--metric", "macro_f1"]) == 0
+    for arm in ("fft", "lora", "kd-lora"):
+        metrics = json.loads((out / "reviews" / "seed-1" / arm / "metrics.json").read_text())
+        assert metrics["task"] == "reviews" and "macro_f1" in metrics
+    assert "reviews" in (out / "report.md").read_text()
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("points:\n  - {lr: 0.001}\n  - {lr: 0.002}\n")
+    sweep = ["sweep", "--method", "lora", "--model", str(tiny_bert_dir), "--grid", str(grid), "--epochs", "1"]
+    assert main([*sweep, *data, "--quiet", "--top-k", "1", "--output-dir", str(tmp_path / "sweep")]) == 0
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["task"] == "d"
+
+    bench = ["bench", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0", "--ranks", "2", "--runs", "1"]
+    assert main([*bench, *data, "--warmup", "0", "--skip-memory", "--output-dir", str(tmp_path / "bench")]) == 0
+    result = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert result["config"]["task"] == "d" and result["inference"]["examples"] == 16
