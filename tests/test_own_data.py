@@ -293,3 +293,16 @@ def test_compare_sweep_report_and_bench_on_own_data(tmp_path, tiny_bert_dir):
     assert main([*bench, *data, "--warmup", "0", "--skip-memory", "--output-dir", str(tmp_path / "bench")]) == 0
     result = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert result["config"]["task"] == "d" and result["inference"]["examples"] == 16
+
+
+def test_a_save_to_disk_dataset_with_its_own_splits(tmp_path):
+    import datasets
+
+    rows = _rows(8)
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:4])})
+    dd.save_to_disk(str(tmp_path / "mine"))
+    args = DataArgs(dataset=str(tmp_path / "mine"), validation_split="test", text_columns=["body"], label_column="tag")
+    assert args.task == "mine" and load_task(args).labels == ("neg", "pos")
+    assert len(load_splits(args, ["train", "validation"])["validation"]) == 4
+    with pytest.raises(KdloraError, match="has no split 'validation'; it has train, test"):
+        load_splits(DataArgs(dataset=str(tmp_path / "mine"), text_columns=["body"], label_column="tag"), ["validation"])
