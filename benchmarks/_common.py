@@ -17,6 +17,7 @@ hf_logging.set_verbosity_error()  # the figures are the output
 hf_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # reading data is not a figure
 GLUE = os.environ.get("KDLORA_GLUE_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "glue"))
 
 

@@ -39,7 +39,8 @@ def test_bench_on_a_tiny_pair_writes_every_field(tmp_path, tiny_bert_dir, tiny_g
     assert set(result["train_memory"]) == {"fft", "lora", "kd-lora", "baseline_imports"}
     assert all(m["peak_mb"] > 0 for m in result["train_memory"].values())
     arms = result["inference"]["arms"]
-    assert set(arms) == {"teacher_fft", "teacher_lora_unmerged", "teacher_lora_merged", "student_kdlora_merged"}
+    assert set(arms) == {"teacher_fft", "teacher_lora_unmerged", "teacher_lora_merged", "student_kdlora_merged",
+                         "teacher_int8_onnx", "student_int8_onnx"}  # fmt: skip
     assert all(a["runs"] == 3 and 0 < a["min_s"] <= a["median_s"] <= a["max_s"] for a in arms.values())
     assert result["inference"]["examples"] == 32  # the whole tiny dev set
     assert "| kd-lora | 2 |" in (out / "bench.md").read_text()

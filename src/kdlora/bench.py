@@ -52,6 +52,7 @@ class BenchArgs:
     max_length: int = 128
     output_dir: str = "runs/bench"
     skip_memory: bool = False
+    onnx_dir: str | None = None  # where the int8 ONNX arms are written (default: a temporary directory)
 
 
 def bench_data(args: BenchArgs) -> DataArgs:
@@ -241,7 +242,29 @@ def inference_arms(args: BenchArgs, task: Task) -> tuple[dict[str, torch.nn.Modu
         "teacher_lora_merged": merge(lora_merged),
         "student_kdlora_merged": merge(student),
     }
+    arms.update(int8_arms(arms["teacher_fft"], arms["student_kdlora_merged"], tokenizer, args.onnx_dir))
     return arms, tokenizer
+
+
+def int8_arms(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer: Any, directory: str | None) -> dict:
+    """The deployed alternatives, when kdlora[export] is installed: teacher and student as int8 ONNX Runtime models
+    (the teacher's is what a user weighs against distilling). Exported as `kdlora export` does."""
+    try:
+        from kdlora.export import OrtClassifier, quantize_int8, require_onnxruntime, to_onnx
+
+        require_onnxruntime()
+    except KdloraError:
+        return {}
+    arms = {}
+    with tempfile.TemporaryDirectory(prefix="kdlora-bench-onnx-") as tmp:  # a session holds its model once created
+        root = Path(directory or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for name, model in (("teacher_int8_onnx", teacher), ("student_int8_onnx", student)):
+            fp32, int8 = root / f"{name}-fp32.onnx", root / f"{name}.onnx"
+            to_onnx(model, tokenizer, fp32)
+            quantize_int8(fp32, int8, per_channel=True)
+            arms[name] = OrtClassifier(int8)
+    return arms
 
 
 # ---------------------------------------------------------------------------------------------------------------------

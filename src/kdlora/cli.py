@@ -1,4 +1,4 @@
-"""Command line: `kdlora train|demo|evaluate|predict|bench|compare|sweep|report`, also as `python -m kdlora`."""
+"""Command line: `kdlora train|demo|evaluate|predict|export|bench|compare|sweep|report`, also as `python -m kdlora`."""
 
 from __future__ import annotations
 
@@ -121,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write the metrics to this JSON file")
 
     _add_protocol_parsers(sub)
+
+    p = sub.add_parser(
+        "export",
+        help="a finished run's merged model as ONNX (fp32, fp16 or int8), checked against PyTorch",
+        description="Writes model.onnx (dynamic batch and sequence axes), config.json, the tokenizer and export.json "
+        "(the parity check) in the layout optimum's ORTModelForSequenceClassification loads. Needs kdlora[export].",
+    )
+    p.add_argument(
+        "--model-dir", required=True, help="a finished run directory (uses its merged/) or a model directory"
+    )
+    p.add_argument("--format", default="onnx", help="onnx (the one format so far)")
+    p.add_argument("--quantize", default="none", help="none | fp16 | int8 (dynamic, per-channel weight scales)")
+    p.add_argument("--per-tensor", action="store_true", help="int8 with one scale per tensor (measured worse)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--max-eval-samples", type=int, help="check parity on the first N validation examples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("report", help="Table 1, Table 2, Figure 2 and CSVs from finished run directories")
     p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
@@ -475,6 +492,24 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from kdlora.export import ExportArgs, describe, run_export
+
+    export = ExportArgs(
+        model_dir=args.model_dir,
+        output_dir=args.output_dir,
+        format=args.format,
+        quantize=args.quantize,
+        per_channel=not args.per_tensor,
+        max_eval_samples=args.max_eval_samples,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+    )
+    print("".join(describe(run_export(export))))
+    print(f"wrote {Path(args.output_dir) / 'model.onnx'} with its config, tokenizer and export.json")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from kdlora.report import write_report
 
@@ -518,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _compare,
         "sweep": _sweep,
         "report": _report,
+        "export": _export,
     }
     try:
         return commands[args.command](args)

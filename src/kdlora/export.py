@@ -1,0 +1,258 @@
+"""`kdlora export`: a finished run's merged model as ONNX (fp32, fp16 or int8), in the layout optimum's
+`ORTModelForSequenceClassification` loads (model.onnx, config.json, the tokenizer), checked against the PyTorch model
+before it is called done.
+
+int8 is onnxruntime's dynamic quantization with per-channel weight scales: on the CoLA runs of the README it cost the
+student 0.23 MCC points where per-tensor scales cost 4.1 (docs/results.md has the measurements).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdlora.errors import KdloraError
+from kdlora.io import atomic_write_dir
+
+FORMATS = ("onnx",)
+QUANTIZE = ("none", "fp16", "int8")
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Largest logit difference to the PyTorch model that an export may show (fp16 rounds more).
+TOLERANCE = {"none": 1e-3, "fp16": 5e-2}
+# Sentences for the parity check when the model has no data of its own to be checked on.
+PROBES = ("the cat sat on the mat .", "a dog", "no one knows what the weather will be like tomorrow , or after .")
+
+
+@dataclass
+class ExportArgs:
+    model_dir: str  # a finished run (its merged/) or a model directory
+    output_dir: str
+    format: str = "onnx"
+    quantize: str = "none"  # none | fp16 | int8
+    per_channel: bool = True  # int8: one scale per output channel (per-tensor cost 4 points on the student)
+    max_eval_samples: int | None = None  # parity on the first N validation examples (default all)
+    batch_size: int = 64
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise KdloraError(f"unknown export format '{self.format}': choose {', '.join(FORMATS)}")
+        if self.quantize not in QUANTIZE:
+            raise KdloraError(f"unknown --quantize '{self.quantize}': choose {', '.join(QUANTIZE)}")
+        if self.batch_size <= 0 or (self.max_eval_samples is not None and self.max_eval_samples <= 0):
+            raise KdloraError("--batch-size and --max-eval-samples must be > 0")
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+        import onnxscript  # noqa: F401  (the torch.onnx exporter needs it)
+    except ImportError:
+        raise KdloraError("export needs onnx, onnxscript and onnxruntime: pip install 'kdlora[export]'") from None
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Any:
+    """The exporter's and the quantizer's log lines (optional packages, advice) are not the user's business."""
+    import logging
+
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx"), logging.getLogger("torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def to_onnx(model: torch.nn.Module, tokenizer: Any, path: Path) -> list[str]:
+    """Export `model` (eval mode) to `path` with dynamic batch and sequence axes; returns its input names."""
+    example = tokenizer(list(PROBES[:2]), padding=True, return_tensors="pt")
+    names = [k for k in INPUTS if k in example]
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    try:
+        with quiet_logs():
+            torch.onnx.export(
+                model.eval(),
+                (),
+                str(path),
+                kwargs={k: example[k] for k in names},
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes={k: {0: batch, 1: seq} for k in names},
+                dynamo=True,
+                external_data=False,
+            )
+    except Exception as exc:  # the exporter's errors are pages long: one line that says which model
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise KdloraError(f"the ONNX exporter could not trace this {model.config.model_type} model: {first}") from exc
+    return names
+
+
+def quantize_int8(src: Path, dst: Path, per_channel: bool) -> None:
+    """Dynamic int8 weights (activations quantized on the fly), per output channel."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_logs():
+        quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def session(path: str | Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session with as many intra-op threads as torch uses, so timings compare alike."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtClassifier:
+    """An ONNX Runtime session that answers like a transformers classifier: model(**batch).logits (a tensor)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        self.session = session(path, threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, **batch: Any) -> Any:
+        feed = {k: np.asarray(batch[k].cpu() if torch.is_tensor(batch[k]) else batch[k], dtype=np.int64)
+                for k in self.inputs}  # fmt: skip
+        logits = torch.from_numpy(self.session.run(None, feed)[0])
+        return type("Output", (), {"logits": logits})()
+
+    def to(self, *_: Any) -> OrtClassifier:  # the timing loop moves and evaluates models; an ORT session needs neither
+        return self
+
+    def eval(self) -> OrtClassifier:
+        return self
+
+
+def run_export(args: ExportArgs) -> dict[str, Any]:
+    """Export, check, and write the directory (atomically: a failed check leaves nothing). Returns export.json."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.models import load_tokenizer, prepare_tokenizer
+    from kdlora.rundir import model_dir
+
+    require_onnxruntime()
+    source = model_dir(args.model_dir)  # a finished run's merged/ or a model directory; else one line
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise KdloraError(f"{out} is not empty: pass --overwrite to replace it")
+    model = AutoModelForSequenceClassification.from_pretrained(source).eval()
+    tokenizer = prepare_tokenizer(load_tokenizer(str(source)), model.config, str(source))
+    examples, task = parity_examples(args)
+    record: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        start = time.perf_counter()
+        fp32 = tmp / ("model.onnx" if args.quantize == "none" else "model_fp32.onnx")
+        names = to_onnx(model, tokenizer, fp32)
+        if args.quantize == "int8":
+            quantize_int8(fp32, tmp / "model.onnx", args.per_channel)
+        elif args.quantize == "fp16":
+            to_fp16(fp32, tmp / "model.onnx")
+        if args.quantize != "none":
+            fp32.unlink()  # the quantized model is the deliverable
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record.update(
+            source=str(source), format=args.format, quantize=args.quantize, inputs=names,
+            export_seconds=time.perf_counter() - start, onnx_mb=(tmp / "model.onnx").stat().st_size / 2**20,
+            **({"per_channel": args.per_channel} if args.quantize == "int8" else {}),
+            **parity(model, tokenizer, OrtClassifier(tmp / "model.onnx"), examples, task, args),
+        )  # fmt: skip
+        limit = TOLERANCE.get(args.quantize)
+        if limit is not None and record["max_abs_logit_diff"] > limit:
+            raise KdloraError(
+                f"the {args.quantize if args.quantize != 'none' else 'fp32'} export does not match the PyTorch model: "
+                f"largest logit difference {record['max_abs_logit_diff']:.2e} > {limit:.0e}; nothing was written"
+            )
+        (tmp / "export.json").write_text(json.dumps({**record, "args": asdict(args)}, indent=2) + "\n")
+
+    atomic_write_dir(out, write)
+    return record
+
+
+def parity_examples(args: ExportArgs) -> tuple[list[Any], Any]:
+    """The validation examples of the run's own data (the first --max-eval-samples), or probe sentences when the
+    model directory has no run config or its data cannot be read here."""
+    from kdlora.data import Example, load_splits, load_task
+    from kdlora.rundir import is_run, read_config
+
+    if is_run(args.model_dir):
+        from kdlora.config import DataArgs, build_section
+
+        stored = dict((read_config(args.model_dir) or {}).get("data") or {})
+        stored.update(max_train_samples=None, test_file=None, max_eval_samples=args.max_eval_samples)
+        try:
+            data = build_section(DataArgs, stored, "data")
+            task = load_task(data)
+            return load_splits(data, task.eval_splits[:1])[task.eval_splits[0]], task
+        except KdloraError:
+            pass  # the run's data is not here: check on the probes
+    return [Example(i, text, None, None) for i, text in enumerate(PROBES)], None
+
+
+@torch.inference_mode()
+def parity(model: Any, tokenizer: Any, exported: OrtClassifier, examples: list[Any], task: Any, args: ExportArgs
+           ) -> dict[str, Any]:  # fmt: skip
+    """The largest logit difference between the PyTorch model and the export, and, where the run's validation data is
+    at hand, both models' scores on it."""
+    from kdlora.data import TokenizedDataset, eval_loader
+    from kdlora.metrics import compute_metrics
+
+    regression = model.config.num_labels == 1
+    loader = eval_loader(TokenizedDataset(examples, tokenizer, 512), tokenizer, args.batch_size, regression)
+    diff, ids, ref_logits, exp_logits = 0.0, [], [], []
+    for batch in loader:
+        ref = model(**batch.inputs).logits.float()
+        got = exported(**batch.inputs).logits.float()
+        diff = max(diff, float((ref - got).abs().max()))
+        ids.append(batch.ids)
+        ref_logits.append(ref)
+        exp_logits.append(got)
+    result: dict[str, Any] = {"max_abs_logit_diff": diff, "parity_examples": len(examples)}
+    if task is not None:
+        labels = np.array([e.label for e in examples])[torch.cat(ids).numpy()]
+        for name, logits in (("pytorch", ref_logits), ("exported", exp_logits)):
+            logits = torch.cat(logits)
+            preds = logits.squeeze(-1) if regression else logits.argmax(-1)
+            result[f"{name}_score"] = compute_metrics(task, preds.numpy(), labels)["score"]
+        result["score_change"] = result["exported_score"] - result["pytorch_score"]
+        result["parity_data"] = "validation"
+    else:
+        result["parity_data"] = "probe sentences (the run's data is not here)"
+    return result
+
+
+def describe(record: dict[str, Any]) -> Iterable[str]:
+    yield f"exported {record['source']} as {record['quantize'] if record['quantize'] != 'none' else 'fp32'} ONNX "
+    yield f"({record['onnx_mb']:.1f} MB) in {record['export_seconds']:.0f} s; "
+    yield f"largest logit difference to PyTorch {record['max_abs_logit_diff']:.2e} on {record['parity_examples']} "
+    yield f"examples ({record['parity_data']})"
+    if "exported_score" in record:
+        yield f"; score {record['exported_score']:.2f} vs {record['pytorch_score']:.2f} in PyTorch"
