@@ -95,9 +95,9 @@ def pareto(scores: dict[str, float], speed: dict[str, float], path: Path) -> Non
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for arm in scores:
         who = arm.split("_")[0]
-        ax.scatter(speed[arm], scores[arm], marker="o" if who == "teacher" else "s", s=60,
+        ax.scatter(speed[arm], scores[arm], marker="o" if who == "teacher" else "s", s=60, label=arm.replace("_", " "),
                    color={"fp32": "C0", "fp32_onnx": "C2", "int8": "C3"}[arm.split("_", 1)[1]])  # fmt: skip
-        ax.annotate(arm.replace("_", " "), (speed[arm], scores[arm]), textcoords="offset points", xytext=(6, 4))
+    ax.legend(fontsize=8)
     ax.set_xlabel("examples per second (CPU, batch 64)")
     ax.set_ylabel("validation score")
     ax.set_title("Score against throughput: teacher and student, fp32 and int8")
