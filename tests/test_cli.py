@@ -195,3 +195,15 @@ def test_evaluate_refuses_an_unfinished_run(tmp_path, tiny_glue, capsys):
     (tmp_path / "config.yaml").write_text("train: {method: lora}\n")
     assert main(["evaluate", "--model-dir", str(tmp_path), "--task", "cola", "--data-dir", str(tiny_glue)]) == 2
     assert "unfinished run" in capsys.readouterr().err
+
+
+def test_kd_fft_distils_into_every_parameter_of_the_student(tmp_path, fft_run, tiny_glue):
+    """kd-fft: the student fully fine-tuned with the same KD loss, which tells what distillation gives apart from
+    what LoRA costs."""
+    teacher, _ = fft_run
+    metrics = _train(tmp_path, tiny_glue, "--method", "kd-fft", "--teacher", str(teacher), "--student-layers", "0,2")
+    _check_common(tmp_path, metrics, "kd-fft")
+    assert metrics["trainable_params"] == metrics["total_params"] and metrics["lora_params"] == 0
+    assert len(metrics["train_loss_kd"]) == len(metrics["train_loss"])
+    assert not (tmp_path / "adapter").exists() and "kd-fft" in (tmp_path / "merged" / "README.md").read_text()
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 5e-5

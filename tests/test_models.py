@@ -161,3 +161,34 @@ def test_merged_equals_unmerged_and_reloaded_adapter(tmp_path):
     ).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, unmerged, atol=1e-6, rtol=0)
     make_tokenizer(tmp_path / "tok")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"use_dora": True}, {"use_rslora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"},
+     {"init_lora_weights": "gaussian"}],
+)  # fmt: skip
+def test_peft_lora_variants_start_at_the_base_model_and_merge_exactly(variant):
+    """DoRA, rsLoRA and PiSSA/OLoRA initialisation come from peft: the adapted model starts where the base model is
+    (PiSSA/OLoRA move the principal part of W into A·B), and merging changes no output."""
+    from transformers import BertForSequenceClassification
+
+    from kdlora.models import add_lora, count_parameters, merge
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(tiny_bert_config()).eval()
+    x = torch.randint(5, len(VOCAB), (2, 7))
+    with torch.no_grad():
+        ref = base(input_ids=x).logits
+        model = add_lora(base, LoraArgs(r=4, lora_dropout=0.0, **variant)).eval()
+        out = model(input_ids=x).logits
+        # a trained-looking adapter: B away from zero, so that merging has something to fold
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        moved = model(input_ids=x).logits
+        counts = count_parameters(model)
+        merged = merge(model)(input_ids=x).logits
+    assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(merged, moved, atol=1e-5)
+    dora = 4 * 2 * 32 if variant.get("use_dora") else 0  # one magnitude per output feature of query and value
+    assert counts["lora_params"] == 4 * 2 * 4 * 64 + dora

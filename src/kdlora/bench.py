@@ -25,12 +25,14 @@ from typing import Any
 
 import torch
 
-from kdlora.config import METHODS, DataArgs, LoraArgs, build_section
+from kdlora.config import DataArgs, LoraArgs, build_section
 from kdlora.data import load_task
 from kdlora.env import default_device, peak_memory, peak_rss_mb, reset_peak_memory
 from kdlora.errors import KdloraError
 from kdlora.models import build_model, count_parameters, deployed_parameters, merge
 from kdlora.tasks import Task
+
+BENCH_METHODS = ("fft", "lora", "kd-lora")  # the paper's Table 2
 
 
 @dataclass
@@ -92,7 +94,7 @@ def merged_size_bytes(model: torch.nn.Module) -> int:
 def parameter_rows(args: BenchArgs, task: Task) -> list[dict[str, Any]]:
     """Trainable, LoRA and deployed parameters per method and rank, and the merged size on disk."""
     rows, sizes = [], {}
-    for method in METHODS:
+    for method in BENCH_METHODS:
         for rank in [None] if method == "fft" else args.ranks:
             model, _ = build(args, method, rank or 8, task)
             counts = count_parameters(model)
@@ -281,7 +283,7 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
     }
     result["parameters"] = parameter_rows(args, task)
     if not args.skip_memory:
-        memory = {m: measure_in_child(args, m, args.ranks[0]) for m in METHODS}
+        memory = {m: measure_in_child(args, m, args.ranks[0]) for m in BENCH_METHODS}
         memory["baseline_imports"] = measure_in_child(args, None)
         result["train_memory"] = memory
     arms, tokenizer = inference_arms(args, task)
@@ -325,7 +327,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "| method | peak MB |",
             "|---|---:|",
         ]
-        lines += [f"| {m} | {mem[m]['peak_mb']:.0f} |" for m in (*METHODS, "baseline_imports")]
+        lines += [f"| {m} | {mem[m]['peak_mb']:.0f} |" for m in (*BENCH_METHODS, "baseline_imports")]
     inf = result["inference"]
     lines += [
         "",

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from kdlora.config import RunConfig
+from kdlora.config import DISTILLED, LORA_METHODS, RunConfig
 from kdlora.tasks import Task
 
 
@@ -21,10 +21,10 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
     origin = m.name or m.teacher_model or source
     meta = {
         "base_model": origin,
-        "library_name": "peft" if method != "fft" else "transformers",
+        "library_name": "peft" if method in LORA_METHODS else "transformers",
         "pipeline_tag": "text-classification",
-        "tags": ["kdlora", method, *(["lora"] if method != "fft" else [])]
-        + (["knowledge-distillation"] if method == "kd-lora" else []),
+        "tags": ["kdlora", method, *(["lora"] if method in LORA_METHODS else [])]
+        + (["knowledge-distillation"] if method in DISTILLED else []),
         "datasets": ["nyu-mll/glue"] if not task.custom else [],
         "metrics": [k for k in metrics.get("epochs", [{}])[0] if k not in ("epoch", "score")],
     }
@@ -35,6 +35,9 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "kd-lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {student}, with its head, distilled from the "
         f"fine-tuned teacher {metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with "
         f"alpha={kd.alpha} on the task loss and temperature {kd.temperature}",
+        "kd-fft": f"every parameter of {student} fine-tuned, distilled from the fine-tuned teacher "
+        f"{metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with alpha={kd.alpha} on the task "
+        f"loss and temperature {kd.temperature}",
     }[method]
     data = cfg.data
     where = (
@@ -55,7 +58,7 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         f"A sequence classifier made with kdlora: {how}."
         + (
             " The run's merged/ holds LoRA folded into the weights; its adapter/, the peft adapter with the head."
-            if method != "fft"
+            if method in LORA_METHODS
             else ""
         ),
         "",

@@ -24,12 +24,12 @@ from typing import Any
 import yaml
 
 from kdlora.bench import own_data
-from kdlora.config import METHODS, RunConfig, build_config, layered
+from kdlora.config import RunConfig, build_config, layered
 from kdlora.errors import KdloraError
 from kdlora.rundir import merged_dir, read_inference, read_run, same_config, write_inference
 from kdlora.tasks import glue_name
 
-ARMS = METHODS  # one arm per method
+ARMS = ("fft", "lora", "kd-lora")  # the paper's three arms
 ERROR_FILE_ENV = "KDLORA_ERROR_FILE"  # a child `kdlora train` writes its one-line error here instead of stderr
 
 

@@ -28,10 +28,12 @@ import yaml
 
 from kdlora.errors import KdloraError
 
-Method = Literal["fft", "lora", "kd-lora"]
+Method = Literal["fft", "lora", "kd-lora", "kd-fft"]
 METHODS: tuple[str, ...] = typing.get_args(Method)  # the one list of methods; everything else reads it from here
+DISTILLED = ("kd-lora", "kd-fft")  # trained on a teacher's logits: they need a teacher and a student
+LORA_METHODS = ("lora", "kd-lora")  # train LoRA matrices and the head; the others train every parameter
 # Default learning rates: full fine-tuning wants a small step, LoRA a larger one (as in the LoRA and KD-LoRA papers).
-DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 5e-4}
+DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 5e-4, "kd-fft": 5e-5}
 
 
 def arg(default: Any, help: str, *, flag: str | None = None, results: bool = True) -> Any:
@@ -168,6 +170,11 @@ class LoraArgs:
     target_modules: list[str] | None = arg(
         None, "module names or dotted suffixes to adapt (default: the architecture's query/value)"
     )
+    use_dora: bool = arg(False, "DoRA: LoRA on the weights' direction and a trained magnitude (peft use_dora)")
+    use_rslora: bool = arg(False, "rsLoRA: scale the update by lora_alpha / sqrt(r) (peft use_rslora)")
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora", "orthogonal"] = arg(
+        "default", "LoRA initialisation (peft init_lora_weights): default (B = 0), gaussian, pissa, olora, orthogonal"
+    )
 
     def __post_init__(self) -> None:
         _require(self.r > 0, f"rank (r) must be > 0, got {self.r}")
@@ -192,10 +199,14 @@ class KDArgs:
 
 @dataclass
 class TrainArgs:
-    method: Method = arg("kd-lora", "fft (every parameter) | lora (LoRA + head) | kd-lora (LoRA + head, distilled)")
+    method: Method = arg(
+        "kd-lora",
+        "fft (every parameter) | lora (LoRA + head) | kd-lora (LoRA + head, distilled) | kd-fft (every parameter of "
+        "the student, distilled)",
+    )
     output_dir: str = arg("runs/kdlora", "the run directory", results=False)
     epochs: int = arg(3, "passes over the training set")
-    lr: float | None = arg(None, "peak learning rate (default 5e-5 for fft, 5e-4 for the LoRA methods)")
+    lr: float | None = arg(None, "peak learning rate (default 5e-5 for fft and kd-fft, 5e-4 for the LoRA methods)")
     batch_size: int = arg(32, "examples per optimizer step (per process, before accumulation)")
     eval_batch_size: int = arg(64, "examples per evaluation batch")
     weight_decay: float = arg(0.01, "AdamW weight decay, not applied to biases and LayerNorm")
@@ -239,15 +250,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         m, method = self.model, self.train.method
-        if method == "kd-lora":
+        if method in DISTILLED:
             if not (m.teacher or m.teacher_model):
                 raise KdloraError(
-                    "kd-lora needs a teacher: --teacher RUN_DIR (a finished fft run) or --teacher-model NAME"
+                    f"{method} needs a teacher: --teacher RUN_DIR (a finished fft run) or --teacher-model NAME"
                 )
             if m.teacher and m.teacher_model:
                 raise KdloraError("give either --teacher or --teacher-model, not both")
             if not (m.name or m.student_layers):
-                raise KdloraError("kd-lora needs a student: --model NAME or --student-layers 0,2,4")
+                raise KdloraError(f"{method} needs a student: --model NAME or --student-layers 0,2,4")
             if m.name and m.student_layers:
                 raise KdloraError("give either --model (student base) or --student-layers, not both")
         elif not m.name:

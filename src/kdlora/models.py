@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from kdlora.config import LoraArgs
+from kdlora.config import LORA_METHODS, LoraArgs
 from kdlora.errors import KdloraError
 from kdlora.tasks import Task
 
@@ -142,7 +142,7 @@ def build_model(
     model, tokenizer = load_classifier(name, task, trust_remote_code, weights)
     if layers:
         keep_layers(model, layers)
-    if method != "fft":
+    if method in LORA_METHODS:
         model = add_lora(model, lora or LoraArgs())
     return model, tokenizer
 
@@ -223,6 +223,9 @@ def add_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
         lora_dropout=args.lora_dropout,
         target_modules=resolve_target_modules(model, args.target_modules),
         modules_to_save=head_modules(model),
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
     )
     return get_peft_model(model, config)
 

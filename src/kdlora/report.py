@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlora.config import METHODS
+from kdlora.config import DISTILLED, LORA_METHODS, METHODS
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_text
 from kdlora.rundir import CHECKPOINT, CONFIG, merged_dir, read_config, read_inference, read_run, result_config
@@ -198,7 +198,7 @@ def rank_counts(run: Run, ranks: Sequence[int] = RANKS) -> list[dict[str, Any]]:
 
     rows = []
     targets = run.config.get("lora", {}).get("target_modules")
-    for rank in [None] if run.method == "fft" else ranks:
+    for rank in ranks if run.method in LORA_METHODS else [None]:
         lora = LoraArgs(r=rank, lora_alpha=2 * rank, target_modules=targets) if rank else None
         merged = merged_dir(run.path)
         task = task_of_model(run.task, json.loads((merged / "config.json").read_text()))
@@ -414,7 +414,7 @@ def figure2(cells: dict[tuple[str, str], Cell], task: str, path: Path) -> None:
             banded = True
         else:
             ax.plot(curves[0], color=line.get_color(), alpha=0.15, lw=0.6)
-        task_curves = _curves(runs, "train_loss_task") if m == "kd-lora" else []
+        task_curves = _curves(runs, "train_loss_task") if m in DISTILLED else []
         if task_curves:
             task_mean = [statistics.mean(v) for v in zip(*(_smooth(c, window) for c in task_curves), strict=True)]
             ax.plot(task_mean, color=line.get_color(), ls="--", lw=1.2, label="kd-lora, task loss only")

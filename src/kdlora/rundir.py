@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from kdlora.config import RunConfig, build_config, comparable, save_config
+from kdlora.config import DISTILLED, LORA_METHODS, RunConfig, build_config, comparable, save_config
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_dir, atomic_write_json
 
@@ -172,7 +172,7 @@ def clear(cfg: RunConfig) -> None:
     out = Path(cfg.train.output_dir)
     if out.is_dir():
         for child in out.iterdir():
-            if child.name != LOCK and not (child.name == TEACHER and cfg.train.method == "kd-lora"):
+            if child.name != LOCK and not (child.name == TEACHER and cfg.train.method in DISTILLED):
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -264,7 +264,7 @@ def save_outputs(out: str | Path, model: Any, tokenizer: Any, method: str, card:
     from kdlora.models import merge
 
     out = Path(out)
-    if method != "fft":
+    if method in LORA_METHODS:
         _save_model(out / ADAPTER, model, tokenizer, card)
         model = merge(model)
     _save_model(out / MERGED, model, tokenizer, card)

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kdlora.config import SECTIONS, RunConfig, build_config
+from kdlora.config import DISTILLED, SECTIONS, RunConfig, build_config
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_json, atomic_write_text
 from kdlora.report import median_top_k
@@ -45,7 +45,7 @@ HEARTBEAT_S, GRACE_S = 30, 120  # a running trial without a heartbeat for GRACE_
 
 
 def paper_grid(method: str) -> list[dict[str, Any]]:
-    if method == "fft":
+    if method in ("fft", "kd-fft"):  # full fine-tuning: the paper's FFT space
         return [
             {"lr": lr, "batch_size": b, "epochs": e, "weight_decay": wd} for lr in FFT_LRS for b, e, wd in FFT_SCHEDULES
         ]
@@ -288,7 +288,7 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
     study = open_study(name, _storage(url), points, base_key)
     print(f"sweep: study '{name}' in {_safe_url(url)}, {len(points)} points of {method} on {task}", flush=True)
 
-    if method == "kd-lora" and base_cfg.model.teacher_model:
+    if method in DISTILLED and base_cfg.model.teacher_model:
         # One teacher for every point: trained here (or reused) and named as a finished run.
         teacher = ensure_teacher(base_cfg)
         base["model"] = {**base.get("model", {}), "teacher": str(teacher), "teacher_model": None}

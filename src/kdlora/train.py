@@ -23,7 +23,7 @@ import torch
 from kdlora import __version__, rundir
 from kdlora.card import model_card
 from kdlora.checkpoint import Checkpoint, Progress, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kdlora.config import KDArgs, RunConfig, TrainArgs
+from kdlora.config import DISTILLED, LORA_METHODS, KDArgs, RunConfig, TrainArgs
 from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_splits, load_task
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
@@ -52,7 +52,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             rundir.clear(cfg)
         state.wait_for_everyone()
         teacher_run = None
-        if cfg.train.method == "kd-lora":
+        if cfg.train.method in DISTILLED:
             teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg)
             teacher_model_dir(teacher_run, task)
         return fit(cfg, teacher_run, resume)
@@ -65,7 +65,7 @@ def preflight(cfg: RunConfig) -> Task:
     task = load_task(cfg.data)
     load_splits(cfg.data, data_splits(cfg, task))
     m, models = cfg.model, []
-    if cfg.train.method != "kd-lora":
+    if cfg.train.method not in DISTILLED:
         models.append((m.name, cfg.train.method, None))
     else:
         if m.teacher:
@@ -74,7 +74,7 @@ def preflight(cfg: RunConfig) -> Task:
             models.append((m.teacher_model, "fft", None))
         # A student cut from the fine-tuned teacher has its checkpoint's architecture: check that checkpoint.
         source = m.name or (m.teacher_model or (rundir.read_config(m.teacher) or {}).get("model", {}).get("name"))
-        models.append((source, "kd-lora", m.student_layers))
+        models.append((source, cfg.train.method, m.student_layers))
     for name, method, layers in models:
         check_model(name, task, method, cfg.lora, layers, cfg.data.max_length, m.trust_remote_code)
     return task
@@ -121,7 +121,7 @@ def model_source(cfg: RunConfig, teacher_run: Path | None) -> tuple[str, list[in
     """The checkpoint the trained model starts from, and the encoder layers kept of it (a student cut from a teacher:
     its pretrained checkpoint as in the paper, or the fine-tuned teacher itself)."""
     m = cfg.model
-    if cfg.train.method == "kd-lora" and m.student_layers:
+    if cfg.train.method in DISTILLED and m.student_layers:
         if m.student_init == "teacher":
             return str(teacher_model_dir(teacher_run, load_task(cfg.data))), m.student_layers
         return rundir.read_config(teacher_run)["model"]["name"], m.student_layers
@@ -286,7 +286,7 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     if layers:  # a student cut from a teacher is saved in the run, so that its adapter names a base that exists
         base = rundir.save_student_base(out, model, tokenizer) if main else rundir.student_base_dir(out)
         model.name_or_path = model.config._name_or_path = str(base)
-    if tc.method != "fft":
+    if tc.method in LORA_METHODS:
         model = add_lora(model, cfg.lora)
     params = {**count_parameters(model), "total_params": deployed_parameters(model)}
     loaders = build_loaders(
@@ -411,7 +411,7 @@ def run_record(
 ) -> dict[str, Any]:
     """metrics.json: the best epoch's scores, every epoch's, the loss history, costs, and where it ran."""
     best = {k: v for k, v in progress.epochs[progress.best_epoch - 1].items() if k != "epoch"}
-    history = progress.history if cfg.train.method == "kd-lora" else {"train_loss": progress.history["train_loss"]}
+    history = progress.history if cfg.train.method in DISTILLED else {"train_loss": progress.history["train_loss"]}
     return {
         "task": task.name,
         "method": cfg.train.method,
