@@ -58,6 +58,7 @@ def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_
             assert timing["runs"] == 2 and timing["model"] == "merged" and timing["median_s"] > 0
     report = (out / "report.md").read_text()
     assert "## Table 1: scores" in report and "## Table 2" in report and (out / "figure2.png").is_file()
+    assert "(pareto.png)" in report and (out / "pareto.png").is_file()  # the arms were timed: score vs throughput
     assert len((out / "arms.csv").read_text().splitlines()) == 1 + 6
 
     # The same command again reuses all six finished arms.

@@ -461,6 +461,30 @@ def score_vs_params(cells: dict[tuple[str, str], Cell], path: Path) -> None:
     _save_png(fig, path)
 
 
+def pareto(rows: list[dict[str, Any]], task: str, path: Path) -> bool:
+    """Score against inference throughput on `task`, one point per method (the merged models `kdlora compare` timed,
+    relative to fft, which was timed beside them): up and to the right is better. False when nothing was timed."""
+    points = [(r["speedup_vs_fft"], r["score"], r["method"]) for r in rows if r["task"] == task and r["speedup_vs_fft"]]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for x, y, m in points:
+        ax.scatter([x], [y], s=60, label=m)
+    ax.set_xlabel("inference throughput relative to fft (merged models, timed side by side)")
+    ax.set_ylabel("score (0-100)")
+    ax.set_title(f"Score against throughput on {task}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
 def _save_png(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -495,6 +519,7 @@ def write_report(
     t2_rows, t2_md = table2(cells, task)
     figure2(cells, task, dest / "figure2.png")
     score_vs_params(cells, dest / "score_vs_params.png")
+    timed = pareto(arms, task, dest / "pareto.png")
     _, avg = averages(cells)
 
     lines = [
@@ -531,6 +556,7 @@ def write_report(
         f"![Figure 2: training loss on {task}](figure2.png)",
         "",
         "![Score against trainable parameters](score_vs_params.png)",
+        *(["", f"![Score against throughput on {task}](pareto.png)"] if timed else []),
     ]
     if unfinished:
         lines += ["", "## Unfinished runs (not counted)", "", *[f"- {p.relative_to(root)}" for p in unfinished]]
@@ -542,8 +568,8 @@ def write_report(
     if not quiet:
         print("\n".join(table1_md(cells)))
         print(
-            f"\nwrote {dest / 'report.md'} with table1.csv, arms.csv, table2.csv, runs.csv, figure2.png and "
-            "score_vs_params.png beside it"
+            f"\nwrote {dest / 'report.md'} with table1.csv, arms.csv, table2.csv, runs.csv, figure2.png, "
+            "score_vs_params.png and (when the runs were timed) pareto.png beside it"
         )
     return dest / "report.md"
 
