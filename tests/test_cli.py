@@ -207,3 +207,26 @@ def test_kd_fft_distils_into_every_parameter_of_the_student(tmp_path, fft_run, t
     assert len(metrics["train_loss_kd"]) == len(metrics["train_loss"])
     assert not (tmp_path / "adapter").exists() and "kd-fft" in (tmp_path / "merged" / "README.md").read_text()
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 5e-5
+
+
+def test_kd_lora_with_a_transfer_set(tmp_path, fft_run, tiny_glue):
+    """--augment: teacher-labelled variants of each training sentence join the training set, distilled only; their
+    logits are cached with the training set's, so the same command finds them."""
+    from kdlora.config import DataArgs
+    from kdlora.data import load_splits, load_task
+    from kdlora.teacher import transfer_set
+
+    teacher, _ = fft_run
+    args = ["--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2", "--augment", "2"]
+    metrics = _train(tmp_path, tiny_glue, *args)
+    assert metrics["num_train_examples"] == 96 and metrics["num_transfer_examples"] == 192
+    assert len(metrics["train_loss"]) == 2 * 18  # (96 + 192) / 16 batches per epoch
+    again = _train(tmp_path, tiny_glue, *args, "--overwrite")
+    assert again["teacher_logits_cached"] is True and again["score"] == metrics["score"]
+
+    data = DataArgs(task="cola", data_dir=str(tiny_glue))
+    train = load_splits(data, ["train"])["train"]
+    made = transfer_set(teacher, train, load_task(data), 2, 0.5, 3, seed=1)
+    assert made == transfer_set(teacher, train, load_task(data), 2, 0.5, 3, seed=1)  # deterministic
+    assert [e.id for e in made] == list(range(96, 96 + 192)) and all(e.label is None for e in made)
+    assert sum(a.text_a != b.text_a for a, b in zip(train * 2, made, strict=True)) > 96  # most are changed

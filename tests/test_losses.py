@@ -83,3 +83,18 @@ def test_objective_is_the_task_loss_alone_without_a_teacher_and_eq3_with_one():
     assert all(torch.equal(a, b) for a, b in zip(parts, ref, strict=True))
     reg = objective(s[:, :1], y.float(), t[:, :1], alpha=0.5, regression=True)
     assert torch.allclose(reg.kd, regression_kd_loss(s[:, :1], t[:, :1]))
+
+
+def test_task_loss_leaves_out_rows_without_a_label():
+    import torch.nn.functional as F
+
+    from kdlora.losses import IGNORE, task_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 3), torch.tensor([0, IGNORE, 2, IGNORE, 1])
+    keep = labels != IGNORE
+    assert torch.allclose(task_loss(logits, labels, False), F.cross_entropy(logits[keep], labels[keep]))
+    assert task_loss(logits, torch.full((5,), IGNORE), False) == 0
+    preds, targets = torch.randn(4, 1), torch.tensor([1.0, float("nan"), 3.0, float("nan")])
+    expected = F.mse_loss(preds[[0, 2]].reshape(-1), targets[[0, 2]])
+    assert torch.allclose(task_loss(preds, targets, True), expected)

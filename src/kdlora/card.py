@@ -65,7 +65,13 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "## Data",
         "",
         f"- {where}; text column(s) {', '.join(task.text_columns)}; labels: {labels}",
-        f"- {metrics.get('num_train_examples')} training examples, fingerprint sha256 "
+        f"- {metrics.get('num_train_examples')} training examples"
+        + (
+            f" and {metrics['num_transfer_examples']} teacher-labelled variants of them (the transfer set)"
+            if metrics.get("num_transfer_examples")
+            else ""
+        )
+        + ", fingerprint sha256 "
         f"{metrics.get('data_fingerprint', '')[:16]}; max length {data.max_length} tokens",
         "",
         f"## Scores (validation, epoch {metrics.get('best_epoch')} of {cfg.train.epochs})",

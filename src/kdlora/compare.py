@@ -138,9 +138,10 @@ def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
     from kdlora.data import load_splits, load_task
     from kdlora.env import default_device
     from kdlora.teacher import teacher_logits
+    from kdlora.train import distil_examples
 
     task = load_task(cfg.data)
-    train = load_splits(cfg.data, ["train"])["train"]
+    train = distil_examples(cfg, task, Path(cfg.model.teacher), load_splits(cfg.data, ["train"])["train"])
     device = default_device()
     _, cached = teacher_logits(
         Path(cfg.model.teacher),

@@ -189,9 +189,19 @@ class KDArgs:
     teacher_lr: float = arg(5e-5, "learning rate of the fft teacher trained by --teacher-model")
     teacher_epochs: int | None = arg(None, "epochs of that teacher (default: --epochs)")
     no_recompute: bool = arg(False, "fail instead of recomputing when no cached teacher logits match", results=False)
+    augment: int = arg(
+        0,
+        "transfer set: this many teacher-labelled variants of each training example (word pieces swapped for their "
+        "nearest neighbours in the teacher's input embeddings), distilled only",
+    )
+    augment_prob: float = arg(0.3, "transfer set: the chance that a word piece is swapped")
+    augment_neighbours: int = arg(15, "transfer set: a swapped piece becomes one of its N nearest neighbours")
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+        _require(self.augment >= 0, f"augment must be >= 0, got {self.augment}")
+        _require(0 < self.augment_prob <= 1, f"augment_prob must be in (0, 1], got {self.augment_prob}")
+        _require(self.augment_neighbours >= 1, f"augment_neighbours must be >= 1, got {self.augment_neighbours}")
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _require(self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlora.config import DataArgs
 from kdlora.errors import KdloraError
+from kdlora.losses import IGNORE
 from kdlora.tasks import Task, custom_task, get_task
 
 
@@ -456,14 +457,18 @@ class Collator:
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         inputs = dict(self.tokenizer.pad([it["features"] for it in items], return_tensors="pt"))
         labels = [it["label"] for it in items]
+        missing = math.nan if self.regression else IGNORE  # a transfer-set row: no label, distilled only
         return Batch(
             inputs=inputs,
             ids=torch.tensor([it["id"] for it in items], dtype=torch.long),
             labels=(
-                torch.tensor(labels, dtype=torch.float32 if self.regression else torch.long)
-                if all(label is not None for label in labels)
+                torch.tensor(
+                    [missing if y is None else y for y in labels],
+                    dtype=torch.float32 if self.regression else torch.long,
+                )
+                if any(label is not None for label in labels)
                 else None
-            ),
+            ),  # fmt: skip
             teacher_logits=torch.stack([it["teacher_logits"] for it in items])
             if "teacher_logits" in items[0]
             else None,

@@ -10,6 +10,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+IGNORE = -100  # the class id of a row without a label (a transfer-set row: distilled only), as in transformers
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), the forward KL, averaged over the batch.
@@ -29,10 +31,17 @@ def regression_kd_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
-    """Cross-entropy over [B, C] logits and [B] class ids, or MSE for a [B, 1] regression output and [B] targets."""
+    """Cross-entropy over [B, C] logits and [B] class ids, or MSE for a [B, 1] regression output and [B] targets,
+    averaged over the labelled rows. Rows without a label (class IGNORE, or a NaN target) are left out, and a batch
+    with none gives 0, so transfer-set rows shape only the distillation term."""
     if regression:
-        return F.mse_loss(logits.float().reshape(-1), labels.float().reshape(-1))
-    return F.cross_entropy(logits.float(), labels)
+        target = labels.float().reshape(-1)
+        labelled = ~torch.isnan(target)
+        per_row = (logits.float().reshape(-1) - target.nan_to_num()) ** 2
+    else:
+        labelled = labels != IGNORE
+        per_row = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    return (per_row * labelled).sum() / labelled.sum().clamp(min=1)
 
 
 def distillation_loss(

@@ -195,3 +195,64 @@ def _load_cache(path: Path, fp: str, ids: torch.Tensor, num_labels: int) -> Teac
     ):
         return None
     return TeacherLogits(cached_ids, logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A transfer set: more text for the teacher to label, made from the training set
+
+
+@torch.inference_mode()
+def transfer_set(
+    run_dir: Path, examples: Sequence[Example], task: Task, n: int, prob: float, neighbours: int, seed: int
+) -> list[Example]:
+    """`n` variants of each example with word pieces swapped for their nearest neighbours (cosine) in the teacher's
+    input embeddings (TinyBERT's augmentation without a masked LM), each piece with probability `prob`. They carry no
+    label: the teacher's logits are their only target. Deterministic in (examples, settings, seed); ids follow the
+    training ids, so their teacher logits are looked up and cached like any example's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.models import load_tokenizer
+
+    model_dir = teacher_model_dir(run_dir, task)
+    tokenizer = load_tokenizer(str(model_dir))
+    embeddings = AutoModelForSequenceClassification.from_pretrained(model_dir).get_input_embeddings().weight.float()
+    special = set(tokenizer.all_special_ids)
+    pieces = [
+        [tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else None for t in (e.text_a, e.text_b)]
+        for e in examples
+    ]
+    used = sorted({i for pair in pieces for ids in pair if ids for i in ids} - special)
+    table = _neighbours(embeddings, used, neighbours, special)
+    g = torch.Generator().manual_seed(seed)
+    start = max(e.id for e in examples) + 1
+    out = []
+    for _ in range(n):
+        for pair in pieces:
+            texts = [None if ids is None else tokenizer.decode(_swap(ids, table, prob, g)) for ids in pair]
+            out.append(Example(start + len(out), texts[0], texts[1], None))
+    del embeddings
+    gc.collect()
+    return out
+
+
+def _neighbours(embeddings: torch.Tensor, used: list[int], k: int, special: set[int]) -> dict[int, list[int]]:
+    """For each used piece, its k nearest other pieces by cosine similarity (special tokens excluded)."""
+    unit = torch.nn.functional.normalize(embeddings, dim=-1)
+    banned = torch.tensor(sorted(special), dtype=torch.long)
+    table = {}
+    for start in range(0, len(used), 512):  # [512, V] similarities at a time: flat memory in the vocabulary
+        ids = torch.tensor(used[start : start + 512])
+        sims = unit[ids] @ unit.T
+        sims[torch.arange(len(ids)), ids] = -2.0  # never itself
+        sims[:, banned] = -2.0
+        top = sims.topk(k, dim=-1).indices.tolist()
+        table.update(zip(ids.tolist(), top, strict=True))
+    return table
+
+
+def _swap(ids: list[int], table: dict[int, list[int]], prob: float, g: torch.Generator) -> list[int]:
+    draws = torch.rand(len(ids), generator=g).tolist()
+    picks = torch.randint(0, 1 << 30, (len(ids),), generator=g).tolist()
+    return [
+        table[i][p % len(table[i])] if d < prob and i in table else i for i, d, p in zip(ids, draws, picks, strict=True)
+    ]

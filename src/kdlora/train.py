@@ -31,7 +31,7 @@ from kdlora.evaluate import evaluate, write_test_predictions
 from kdlora.losses import objective
 from kdlora.models import add_lora, build_model, check_model, count_parameters, deployed_parameters
 from kdlora.tasks import Task
-from kdlora.teacher import teacher_logits, teacher_model_dir
+from kdlora.teacher import teacher_logits, teacher_model_dir, transfer_set
 
 SYNC_EVERY = 25  # optimizer steps between moving the logged losses to the host (and checking them)
 
@@ -233,6 +233,15 @@ class LossLog:
         return self.history["train_loss"][-1] if self.history["train_loss"] else None
 
 
+def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example]) -> list[Example]:
+    """What the student trains on: the training set, and with --augment its transfer set (distilled only)."""
+    if teacher_run is None or not cfg.kd.augment:
+        return train
+    kd = cfg.kd
+    extra = transfer_set(teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed)
+    return train + extra
+
+
 def distil_targets(
     cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example], accelerator: Any, quiet: bool
 ) -> tuple[Any, dict[str, Any]]:
@@ -279,6 +288,8 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
 
     # Data, then the teacher's logits (by example id), then the model: the teacher is gone before the student loads.
     splits = load_splits(cfg.data, data_splits(cfg, task))
+    labelled = len(splits["train"])
+    splits["train"] = distil_examples(cfg, task, teacher_run, splits["train"])
     logits, teacher_record = distil_targets(cfg, task, teacher_run, splits["train"], accelerator, quiet)
     set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
     source, layers = model_source(cfg, teacher_run)
@@ -350,7 +361,8 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(best[n])
-    metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, len(loaders.train.dataset))
+    metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, labelled)
+    metrics["num_transfer_examples"] = len(loaders.train.dataset) - labelled
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
     if "test" in splits:
