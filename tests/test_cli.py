@@ -230,3 +230,10 @@ def test_kd_lora_with_a_transfer_set(tmp_path, fft_run, tiny_glue):
     assert made == transfer_set(teacher, train, load_task(data), 2, 0.5, 3, seed=1)  # deterministic
     assert [e.id for e in made] == list(range(96, 96 + 192)) and all(e.label is None for e in made)
     assert sum(a.text_a != b.text_a for a, b in zip(train * 2, made, strict=True)) > 96  # most are changed
+
+
+def test_pissa_initialisation_trains_end_to_end(tmp_path, tiny_bert_dir, tiny_glue):
+    """PiSSA reads the weights at initialisation: the pre-flight, on the meta device, must not try to."""
+    metrics = _train(tmp_path, tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--init-lora-weights",
+                     "pissa", "--use-dora")  # fmt: skip
+    assert metrics["status"] == "finished" and metrics["lora_params"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,10 @@ def build_model(
     if layers:
         keep_layers(model, layers)
     if method in LORA_METHODS:
-        model = add_lora(model, lora or LoraArgs())
+        lora = lora or LoraArgs()
+        if not weights:  # shapes only: an initialisation that reads the weights (PiSSA's SVD) has none to read
+            lora = dataclasses.replace(lora, init_lora_weights="default")
+        model = add_lora(model, lora)
     return model, tokenizer
 
 
