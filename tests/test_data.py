@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from kdlora.config import DataArgs
 from kdlora.data import Collator, Example, LengthGroupedBatchSampler, TokenizedDataset, load_splits, read_glue_tsv
 from kdlora.errors import KdloraError
+from kdlora.losses import objective
 from kdlora.tasks import get_task
 
 REAL_COUNTS = {"cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500), "rte": (2490, 277), "wnli": (635, 71)}
@@ -88,6 +89,23 @@ def test_dynamic_padding_pads_to_longest_in_batch(tmp_path):
     assert batch.ids.tolist() == [0, 1] and batch.labels.tolist() == [1, 0] and batch.teacher_logits is None
     long = TokenizedDataset([Example(0, " ".join(["cat"] * 50), None, 1)], tok, max_length=16)
     assert long.lengths == [16]
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_a_batch_of_only_transfer_rows_still_carries_masked_labels(tmp_path, regression):
+    # Length grouping can put every transfer row of a run in one batch; the loss must see masked labels, not None.
+    tok = make_tokenizer(tmp_path)
+    teacher = torch.tensor([[0.3, -0.2], [1.0, 0.5]])[:, :1] if regression else torch.tensor([[0.3, -0.2], [1.0, 0.5]])
+    ds = TokenizedDataset([Example(0, "the cat", None, None), Example(1, "the dog", None, None)], tok, 16, teacher)
+    batch = Collator(tok, regression=regression)([ds[0], ds[1]])
+    assert batch.labels is not None and batch.labels.shape == (2,)
+    logits = torch.zeros(2, teacher.shape[1], requires_grad=True)
+    parts = objective(logits, batch.labels, batch.teacher_logits, regression=regression)
+    assert parts.task.item() == 0 and parts.kd.item() > 0
+    parts.total.backward()
+    assert torch.isfinite(logits.grad).all()
+    test = TokenizedDataset([Example(0, "the cat", None, None)], tok, 16)  # a test split: no labels, no teacher
+    assert Collator(tok, regression=regression)([test[0]]).labels is None
 
 
 def test_length_grouped_sampler_yields_every_example_once():

@@ -457,7 +457,11 @@ class Collator:
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         inputs = dict(self.tokenizer.pad([it["features"] for it in items], return_tensors="pt"))
         labels = [it["label"] for it in items]
+        teacher = torch.stack([it["teacher_logits"] for it in items]) if "teacher_logits" in items[0] else None
         missing = math.nan if self.regression else IGNORE  # a transfer-set row: no label, distilled only
+        # A distillation batch always carries labels, even when every row in it is a transfer row (the loss then
+        # masks them all); only an unlabelled split without teacher targets (a test set) has none.
+        has_labels = teacher is not None or any(label is not None for label in labels)
         return Batch(
             inputs=inputs,
             ids=torch.tensor([it["id"] for it in items], dtype=torch.long),
@@ -466,12 +470,10 @@ class Collator:
                     [missing if y is None else y for y in labels],
                     dtype=torch.float32 if self.regression else torch.long,
                 )
-                if any(label is not None for label in labels)
+                if has_labels
                 else None
             ),  # fmt: skip
-            teacher_logits=torch.stack([it["teacher_logits"] for it in items])
-            if "teacher_logits" in items[0]
-            else None,
+            teacher_logits=teacher,
         )
 
 
