@@ -232,6 +232,29 @@ def test_kd_lora_with_a_transfer_set(tmp_path, fft_run, tiny_glue):
     assert sum(a.text_a != b.text_a for a, b in zip(train * 2, made, strict=True)) > 96  # most are changed
 
 
+def test_kd_lora_with_unlabelled_text(tmp_path, fft_run, tiny_glue, capsys):
+    """--unlabeled-file: the user's unlabelled rows join the training set with the teacher's logits as their only
+    target; a file that does not fit the task fails before training, in one line."""
+    teacher, _ = fft_run
+    texts = ["the dog likes the cat .", "a big red cat runs .", "the good dog ."] * 10
+    (tmp_path / "extra.txt").write_text("\n".join(texts) + "\n")
+    args = ["--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2"]
+    metrics = _train(tmp_path / "run", tiny_glue, *args, "--unlabeled-file", str(tmp_path / "extra.txt"))
+    assert metrics["num_train_examples"] == 96 and metrics["num_transfer_examples"] == 30
+    assert len(metrics["train_loss"]) == 2 * 8  # (96 + 30) / 16 batches per epoch
+    assert "a transfer set of 30 teacher-labelled rows from" in (tmp_path / "run" / "merged" / "README.md").read_text()
+
+    (tmp_path / "pairs.csv").write_text("sentence1,sentence2\nthe dog,the cat\n")
+    (tmp_path / "blank.txt").write_text("the dog\n\nthe cat\n")
+    for bad, message in (("pairs.csv", "takes one text per example"), ("blank.txt", "line 2 is empty")):
+        out = tmp_path / bad.replace(".", "-")
+        argv = train_argv(tiny_glue, out, "--task", "cola", "--quiet", *args, "--unlabeled-file", str(tmp_path / bad))
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+    fft = train_argv(tiny_glue, tmp_path / "f", "--method", "fft", "--model", "m", "--unlabeled-file", "x.txt")
+    assert main(fft) == 2 and "fft has no teacher" in capsys.readouterr().err
+
+
 def test_pissa_initialisation_trains_end_to_end(tmp_path, tiny_bert_dir, tiny_glue):
     """PiSSA reads the weights at initialisation: the pre-flight, on the meta device, must not try to."""
     metrics = _train(tmp_path, tiny_glue, "--method", "lora", "--model", str(tiny_bert_dir), "--init-lora-weights",

@@ -67,7 +67,9 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         f"- {where}; text column(s) {', '.join(task.text_columns)}; labels: {labels}",
         f"- {metrics.get('num_train_examples')} training examples"
         + (
-            f" and {metrics['num_transfer_examples']} teacher-labelled variants of them (the transfer set)"
+            f" and a transfer set of {metrics['num_transfer_examples']} teacher-labelled rows"
+            + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
+            + (f" ({cfg.kd.augment} variants of each training example)" if cfg.kd.augment else "")
             if metrics.get("num_transfer_examples")
             else ""
         )

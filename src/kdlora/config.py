@@ -196,6 +196,11 @@ class KDArgs:
     )
     augment_prob: float = arg(0.3, "transfer set: the chance that a word piece is swapped")
     augment_neighbours: int = arg(15, "transfer set: a swapped piece becomes one of its N nearest neighbours")
+    unlabeled_file: str | None = arg(
+        None,
+        "transfer set: your unlabelled in-domain text, labelled by the teacher and distilled only (.txt, one text a "
+        "line, or .csv/.tsv/.jsonl/.json/.parquet with the training data's text columns)",
+    )
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
@@ -273,6 +278,11 @@ class RunConfig:
                 raise KdloraError("give either --model (student base) or --student-layers, not both")
         elif not m.name:
             raise KdloraError(f"{method} needs --model NAME_OR_PATH")
+        if method not in DISTILLED and (self.kd.augment or self.kd.unlabeled_file):
+            raise KdloraError(
+                f"--augment and --unlabeled-file build a transfer set for the teacher to label: {method} has no "
+                "teacher (use kd-lora or kd-fft)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

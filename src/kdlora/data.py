@@ -602,6 +602,21 @@ def iter_raw_rows(
         yield key, texts[0], texts[1] if len(texts) > 1 else None
 
 
+def read_unlabeled(path: str | Path, task: Task, first_id: int) -> list[Example]:
+    """The user's unlabelled text for the transfer set, with ids from `first_id` and no labels. The text columns are
+    the training data's for the user's own task, else guessed (text, sentence, sentence1+sentence2, ...); a row must
+    hold one text for a single-text task and two for a pair task."""
+    pair = len(task.hf_text) > 1
+    rows = iter_raw_rows(path, task.text_columns if task.custom else None)
+    examples = []
+    for i, (_, text_a, text_b) in enumerate(rows):
+        if (text_b is not None) != pair:
+            want, got = ("a pair of texts", "one") if pair else ("one text", "two")
+            raise KdloraError(f"{path}: {task.name} takes {want} per example; its rows have {got}")
+        examples.append(Example(first_id + i, text_a, text_b, None))
+    return examples
+
+
 def _txt_rows(path: Path) -> Iterator[tuple[str, str, None]]:
     with path.open(encoding="utf-8-sig") as f:
         for row, line in enumerate(f):

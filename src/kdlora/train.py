@@ -24,7 +24,7 @@ from kdlora import __version__, rundir
 from kdlora.card import model_card
 from kdlora.checkpoint import Checkpoint, Progress, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kdlora.config import DISTILLED, LORA_METHODS, KDArgs, RunConfig, TrainArgs
-from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_splits, load_task
+from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_splits, load_task, read_unlabeled
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
 from kdlora.evaluate import evaluate, write_test_predictions
@@ -64,6 +64,8 @@ def preflight(cfg: RunConfig) -> Task:
     tokenizer, max length). So a bad student setting fails in seconds, not after the teacher's fine-tuning."""
     task = load_task(cfg.data)
     load_splits(cfg.data, data_splits(cfg, task))
+    if cfg.kd.unlabeled_file:
+        read_unlabeled(cfg.kd.unlabeled_file, task, first_id=0)  # every row read and checked
     m, models = cfg.model, []
     if cfg.train.method not in DISTILLED:
         models.append((m.name, cfg.train.method, None))
@@ -234,12 +236,18 @@ class LossLog:
 
 
 def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example]) -> list[Example]:
-    """What the student trains on: the training set, and with --augment its transfer set (distilled only)."""
-    if teacher_run is None or not cfg.kd.augment:
-        return train
-    kd = cfg.kd
-    extra = transfer_set(teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed)
-    return train + extra
+    """What the student trains on: the training set, then the transfer set (distilled only): --augment's variants of
+    the training examples and the rows of --unlabeled-file."""
+    kd, out = cfg.kd, list(train)
+    if teacher_run is None:
+        return out
+    if kd.augment:
+        out += transfer_set(
+            teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed
+        )
+    if kd.unlabeled_file:
+        out += read_unlabeled(kd.unlabeled_file, task, first_id=max(e.id for e in out) + 1)
+    return out
 
 
 def distil_targets(
