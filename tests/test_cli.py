@@ -252,7 +252,44 @@ def test_kd_lora_with_unlabelled_text(tmp_path, fft_run, tiny_glue, capsys):
         assert main(argv) == 2
         assert message in capsys.readouterr().err and not out.exists()
     fft = train_argv(tiny_glue, tmp_path / "f", "--method", "fft", "--model", "m", "--unlabeled-file", "x.txt")
-    assert main(fft) == 2 and "fft has no teacher" in capsys.readouterr().err
+    assert main(fft) == 2 and "fft has none" in capsys.readouterr().err
+
+
+def test_kd_lora_with_hidden_state_distillation(tmp_path, fft_run, tiny_bert_dir, tiny_glue, capsys):
+    """--hidden-weight: each student layer's output is matched to its teacher layer's (uniform map by default), the
+    term is logged apart, and only LoRA and the head train. A map or student that cannot work fails before training."""
+    from conftest import tiny_bert_config
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    teacher, _ = fft_run
+    args = ["--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2"]
+    metrics = _train(tmp_path / "run", tiny_glue, *args, "--hidden-weight", "1", "--hidden-loss", "cosine")
+    assert metrics["status"] == "finished" and metrics["hidden_layers"] == [2, 4]  # 2 of 4 layers: 2 and 4
+    hidden = metrics["train_loss_hidden"]
+    assert len(hidden) == len(metrics["train_loss"]) == 2 * 6 and all(h > 0 for h in hidden)
+    parts = zip(metrics["train_loss"], metrics["train_loss_task"], metrics["train_loss_kd"], hidden, strict=True)
+    assert all(abs(t - (0.5 * a + 0.5 * k + h)) < 1e-4 for t, a, k, h in parts)
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k or "classifier" in k or "pooler" in k for k in adapter)
+    assert "teacher's layers 2,4 (cosine, weight 1.0)" in (tmp_path / "run" / "merged" / "README.md").read_text()
+    plain = _train(tmp_path / "plain", tiny_glue, *args)
+    assert "train_loss_hidden" not in plain and "hidden_layers" not in plain
+
+    narrow = tmp_path / "narrow"  # another width: its states cannot be compared with the teacher's
+    BertModel(tiny_bert_config(hidden_size=16, intermediate_size=32)).save_pretrained(narrow)
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (tiny_bert_dir / name).exists():
+            (narrow / name).write_bytes((tiny_bert_dir / name).read_bytes())
+    student = ["--method", "kd-lora", "--teacher", str(teacher), "--model", str(narrow)]
+    for extra, message in (
+        (args + ["--hidden-layers", "1,2,3"], "give 2 teacher layers"),
+        (args + ["--hidden-layers", "2,9"], "each from 1 to 4"),
+        (student, "the student needs the teacher's width (32)"),
+    ):
+        out = tmp_path / "bad"
+        assert main(train_argv(tiny_glue, out, "--quiet", *extra, "--hidden-weight", "0.5")) == 2
+        assert message in capsys.readouterr().err and not out.exists()
 
 
 def test_pissa_initialisation_trains_end_to_end(tmp_path, tiny_bert_dir, tiny_glue):

@@ -80,7 +80,7 @@ def test_objective_is_the_task_loss_alone_without_a_teacher_and_eq3_with_one():
     assert torch.equal(plain.total, task_loss(s, y, False)) and plain.kd.item() == 0.0
     parts = objective(s, y, t, alpha=0.3, temperature=4.0)
     ref = distillation_loss(s, t, y, alpha=0.3, temperature=4.0)
-    assert all(torch.equal(a, b) for a, b in zip(parts, ref, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(parts[:3], ref, strict=True)) and parts.hidden.item() == 0.0
     reg = objective(s[:, :1], y.float(), t[:, :1], alpha=0.5, regression=True)
     assert torch.allclose(reg.kd, regression_kd_loss(s[:, :1], t[:, :1]))
 
@@ -98,3 +98,31 @@ def test_task_loss_leaves_out_rows_without_a_label():
     preds, targets = torch.randn(4, 1), torch.tensor([1.0, float("nan"), 3.0, float("nan")])
     expected = F.mse_loss(preds[[0, 2]].reshape(-1), targets[[0, 2]])
     assert torch.allclose(task_loss(preds, targets, True), expected)
+
+
+def test_hidden_state_loss_against_a_reference_over_real_tokens():
+    from kdlora.losses import hidden_state_loss, objective
+
+    g = torch.Generator().manual_seed(2)
+    s = [torch.randn(3, 5, 8, generator=g) for _ in range(2)]
+    t = [torch.randn(3, 5, 8, generator=g) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    real = mask.bool()
+    mse = sum(F.mse_loss(a[real], b[real]) for a, b in zip(s, t, strict=True)) / 2
+    assert torch.allclose(hidden_state_loss(s, t, mask, "mse"), mse)
+    cos = sum((1 - F.cosine_similarity(a[real], b[real], dim=-1)).mean() for a, b in zip(s, t, strict=True)) / 2
+    assert torch.allclose(hidden_state_loss(s, t, mask, "cosine"), cos)
+    # Padding does not count, and a student that matches its teacher scores 0 (cosine: also when only scaled).
+    moved = [a.clone() for a in s]
+    moved[0][~real] += 100.0
+    assert torch.allclose(hidden_state_loss(moved, t, mask), hidden_state_loss(s, t, mask))
+    assert hidden_state_loss(t, t, mask).item() == 0.0
+    assert hidden_state_loss([3 * x for x in t], t, mask, "cosine").abs().item() < 1e-6
+    with pytest.raises(ValueError):
+        hidden_state_loss(s, t, mask, "l1")
+    # In the objective it is added with its weight to Eq. 3's total and reported apart.
+    logits, teacher, y = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g), torch.tensor([0, 1, 1])
+    h = hidden_state_loss(s, t, mask)
+    parts = objective(logits, y, teacher, hidden=h, hidden_weight=0.25)
+    base = objective(logits, y, teacher)
+    assert torch.allclose(parts.total, base.total + 0.25 * h) and torch.equal(parts.hidden, h)

@@ -39,6 +39,11 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         f"{metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with alpha={kd.alpha} on the task "
         f"loss and temperature {kd.temperature}",
     }[method]
+    if method in DISTILLED and metrics.get("hidden_layers"):
+        how += (
+            f", and its layers' outputs matched to the teacher's layers {','.join(map(str, metrics['hidden_layers']))}"
+            f" ({kd.hidden_loss}, weight {kd.hidden_weight})"
+        )
     data = cfg.data
     where = (
         f"files {data.train_file} (train) and {data.validation_file} (validation)"

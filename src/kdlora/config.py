@@ -201,6 +201,17 @@ class KDArgs:
         "transfer set: your unlabelled in-domain text, labelled by the teacher and distilled only (.txt, one text a "
         "line, or .csv/.tsv/.jsonl/.json/.parquet with the training data's text columns)",
     )
+    hidden_weight: float = arg(
+        0.0,
+        "weight of intermediate-layer distillation added to the loss (0: off); the teacher then runs beside the "
+        "student at every step, so training costs its forward pass and memory",
+    )
+    hidden_loss: Literal["mse", "cosine"] = arg("mse", "the hidden-state distance: mse (TinyBERT) or cosine")
+    hidden_layers: list[int] | None = arg(
+        None,
+        "the teacher layer (from 1) each student layer's output is matched to (default: uniform, student layer i of "
+        "M to teacher layer i*N/M of N)",
+    )
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
@@ -210,6 +221,11 @@ class KDArgs:
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _require(self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")
+        _require(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        _require(
+            self.hidden_layers is None or (bool(self.hidden_layers) and min(self.hidden_layers) >= 1),
+            f"hidden_layers {self.hidden_layers}: give one teacher layer per student layer, counted from 1",
+        )
 
 
 @dataclass
@@ -278,10 +294,10 @@ class RunConfig:
                 raise KdloraError("give either --model (student base) or --student-layers, not both")
         elif not m.name:
             raise KdloraError(f"{method} needs --model NAME_OR_PATH")
-        if method not in DISTILLED and (self.kd.augment or self.kd.unlabeled_file):
+        if method not in DISTILLED and (self.kd.augment or self.kd.unlabeled_file or self.kd.hidden_weight):
             raise KdloraError(
-                f"--augment and --unlabeled-file build a transfer set for the teacher to label: {method} has no "
-                "teacher (use kd-lora or kd-fft)"
+                f"--augment, --unlabeled-file and --hidden-weight distil from a teacher: {method} has none "
+                "(use kd-lora or kd-fft)"
             )
 
     def to_dict(self) -> dict[str, Any]:

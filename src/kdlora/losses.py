@@ -1,10 +1,11 @@
 """Distillation losses as pure functions, computed in fp32.
 
-Shapes: B = batch size, C = number of classes. Regression tasks have C = 1.
+Shapes: B = batch size, C = number of classes, S = sequence length, H = hidden width. Regression tasks have C = 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -66,10 +67,31 @@ def distillation_loss(
     return alpha * hard + (1 - alpha) * soft, hard, soft
 
 
+def hidden_state_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor, kind: str = "mse"
+) -> torch.Tensor:
+    """Intermediate-layer distillation: the mean over matched layer pairs of a per-token distance between the
+    student's hidden states and the teacher's, averaged over the real (unpadded) tokens.
+
+    student[i], teacher[i]: [B, S, H], pair i matched; mask: [B, S], 1 for a real token. kind "mse": the mean squared
+    difference per token (TinyBERT's hidden-state loss); "cosine": 1 - cosine similarity per token. Returns a scalar.
+    """
+    if kind not in ("mse", "cosine"):
+        raise ValueError(f"unknown hidden-state loss {kind!r}")
+    real = mask.float()
+    total = torch.zeros((), device=real.device)
+    for s, t in zip(student, teacher, strict=True):
+        s, t = s.float(), t.float()
+        per_token = ((s - t) ** 2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1)  # [B, S]
+        total = total + (per_token * real).sum() / real.sum().clamp(min=1)
+    return total / max(len(student), 1)
+
+
 class LossParts(NamedTuple):
     total: torch.Tensor  # what the optimizer minimises
     task: torch.Tensor  # L_task
     kd: torch.Tensor  # L_KD (0 without a teacher)
+    hidden: torch.Tensor  # L_hidden, the hidden-state term (0 unless it is weighed in)
 
 
 def objective(
@@ -80,12 +102,19 @@ def objective(
     alpha: float = 0.5,
     temperature: float = 2.0,
     regression: bool = False,
+    hidden: torch.Tensor | None = None,
+    hidden_weight: float = 0.0,
 ) -> LossParts:
     """The training objective of every method: the task loss alone without a teacher (fft, lora), KD-LoRA's
-    α·L_task + (1-α)·L_KD with one. logits, teacher_logits: [B, C]; labels: [B]. Each part is a scalar."""
+    α·L_task + (1-α)·L_KD with one, plus hidden_weight·L_hidden when a hidden-state loss is given.
+    logits, teacher_logits: [B, C]; labels: [B]; hidden: a scalar (hidden_state_loss). Each part is a scalar."""
     if teacher_logits is None:
-        hard = task_loss(logits, labels, regression)
-        return LossParts(hard, hard, torch.zeros((), device=hard.device))
-    return LossParts(
-        *distillation_loss(logits, teacher_logits, labels, alpha=alpha, temperature=temperature, regression=regression)
-    )
+        total = hard = task_loss(logits, labels, regression)
+        soft = torch.zeros((), device=hard.device)
+    else:
+        total, hard, soft = distillation_loss(
+            logits, teacher_logits, labels, alpha=alpha, temperature=temperature, regression=regression
+        )
+    if hidden is None:
+        return LossParts(total, hard, soft, torch.zeros((), device=hard.device))
+    return LossParts(total + hidden_weight * hidden, hard, soft, hidden)

@@ -28,8 +28,16 @@ from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_sp
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
 from kdlora.evaluate import evaluate, write_test_predictions
-from kdlora.losses import objective
-from kdlora.models import add_lora, build_model, check_model, count_parameters, deployed_parameters
+from kdlora.losses import hidden_state_loss, objective
+from kdlora.models import (
+    add_lora,
+    build_model,
+    check_model,
+    count_parameters,
+    deployed_parameters,
+    load_tokenizer,
+    resolve_model_path,
+)
 from kdlora.tasks import Task
 from kdlora.teacher import teacher_logits, teacher_model_dir, transfer_set
 
@@ -79,7 +87,51 @@ def preflight(cfg: RunConfig) -> Task:
         models.append((source, cfg.train.method, m.student_layers))
     for name, method, layers in models:
         check_model(name, task, method, cfg.lora, layers, cfg.data.max_length, m.trust_remote_code)
+    if cfg.kd.hidden_weight:
+        hidden_layer_map(cfg, task)
     return task
+
+
+def hidden_layer_map(cfg: RunConfig, task: Task) -> list[int]:
+    """For intermediate-layer distillation: the teacher layer (from 1, an index of its hidden_states) whose output
+    each student layer's output is matched to. The states are compared token by token, so the student must have the
+    teacher's width and vocabulary (a student cut from it by --student-layers has both)."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    teacher = str(teacher_model_dir(Path(m.teacher), task)) if m.teacher else resolve_model_path(m.teacher_model)
+    t_cfg = AutoConfig.from_pretrained(teacher, trust_remote_code=m.trust_remote_code)
+    n = t_cfg.num_hidden_layers
+    if m.student_layers:
+        count, width, same_vocab = len(m.student_layers), t_cfg.hidden_size, True
+    else:
+        student = resolve_model_path(m.name)
+        s_cfg = AutoConfig.from_pretrained(student, trust_remote_code=m.trust_remote_code)
+        count, width = s_cfg.num_hidden_layers, s_cfg.hidden_size
+        vocab = [load_tokenizer(p, m.trust_remote_code).get_vocab() for p in (student, teacher)]
+        same_vocab = vocab[0] == vocab[1]
+    if width != t_cfg.hidden_size or not same_vocab:
+        raise KdloraError(
+            f"--hidden-weight compares hidden states token by token: the student needs the teacher's width "
+            f"({t_cfg.hidden_size}) and vocabulary; {m.name} has width {width}"
+            + ("" if same_vocab else " and another vocabulary")
+            + " (a student cut by --student-layers has both)"
+        )
+    layers = cfg.kd.hidden_layers or [round((i + 1) * n / count) for i in range(count)]
+    if len(layers) != count or max(layers) > n:
+        raise KdloraError(
+            f"--hidden-layers {','.join(map(str, layers))}: give {count} teacher layers, one per student layer, "
+            f"each from 1 to {n}"
+        )
+    return layers
+
+
+def load_frozen_teacher(teacher_run: Path, task: Task, device: Any) -> torch.nn.Module:
+    """The fine-tuned teacher for hidden-state distillation: eval mode (no dropout), no gradients, on the device."""
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_model_dir(teacher_run, task))
+    return teacher.requires_grad_(False).eval().to(device)
 
 
 def data_splits(cfg: RunConfig, task: Task) -> list[str]:
@@ -162,9 +214,11 @@ class TrainStep:
     before any checkpoint."""
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, regression: bool,
-                 max_grad_norm: float) -> None:  # fmt: skip
+                 max_grad_norm: float, teacher: Any = None, hidden_layers: list[int] | None = None,
+                 ) -> None:  # fmt: skip
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
         self.kd, self.regression, self.max_grad_norm = kd, regression, max_grad_norm
+        self.teacher, self.hidden_layers = teacher, hidden_layers  # only for hidden-state distillation
         self.inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
 
@@ -175,14 +229,16 @@ class TrainStep:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.accumulate(self.model):
-            logits = self.model(**batch.inputs).logits
+            out = self.model(**batch.inputs, output_hidden_states=self.teacher is not None)
             parts = objective(
-                logits,
+                out.logits,
                 batch.labels,
                 batch.teacher_logits,
                 alpha=self.kd.alpha,
                 temperature=self.kd.temperature,
                 regression=self.regression,
+                hidden=self.hidden_loss(batch, out.hidden_states) if self.teacher is not None else None,
+                hidden_weight=self.kd.hidden_weight,
             )
             self.bad |= ~torch.isfinite(parts.total)
             self.accelerator.backward(parts.total)
@@ -197,12 +253,23 @@ class TrainStep:
             self.optimizer.zero_grad()
         return torch.stack([p.detach() for p in parts])
 
+    def hidden_loss(self, batch: Batch, student_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The hidden-state term: each student layer's output against its teacher layer's, on the same tokens."""
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher_states = self.teacher(**batch.inputs, output_hidden_states=True).hidden_states
+        return hidden_state_loss(
+            student_states[1:],  # [0] is the embeddings' output
+            [teacher_states[i] for i in self.hidden_layers],
+            batch.inputs["attention_mask"],
+            self.kd.hidden_loss,
+        )
+
 
 @dataclass
 class LossLog:
     """Loss per optimizer step, kept on the device and moved to the host in bulk (`flush`)."""
 
-    history: dict[str, list[float]]  # train_loss, train_loss_task, train_loss_kd: one value per optimizer step
+    history: dict[str, list[float]]  # LOSS_KEYS: one value per optimizer step
     pending: list[torch.Tensor] = field(default_factory=list)  # [3] per step, not yet moved
     micro: list[torch.Tensor] = field(default_factory=list)  # [3] per micro-batch of the step being accumulated
 
@@ -319,13 +386,20 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in loaders.eval.items()}
-    step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm)
+    hidden_teacher, hidden_layers = None, None
+    if cfg.kd.hidden_weight and teacher_run is not None:  # the teacher stays beside the student for its hidden states
+        hidden_layers = hidden_layer_map(cfg, task)
+        hidden_teacher = load_frozen_teacher(teacher_run, task, accelerator.device)
+    step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm,
+                     hidden_teacher, hidden_layers)  # fmt: skip
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     reset_peak_memory(accelerator.device)  # the peak covers training only: not a teacher trained or run before it
 
     # A killed run continues where its checkpoint left it: weights, optimizer, schedule, position and RNG.
     ckpt = restore(out, trainable, optimizer, scheduler) if resume else None
     progress = ckpt.progress if ckpt else Progress(history={k: [] for k in LOSS_KEYS})
+    for k in LOSS_KEYS:  # a checkpoint written before the hidden-state term existed lacks its history
+        progress.history.setdefault(k, [0.0] * len(progress.history["train_loss"]))
     log, best = LossLog(progress.history), ckpt.best if ckpt else None
     seconds_before, start = progress.train_seconds, time.perf_counter()
 
@@ -371,6 +445,8 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
             p.copy_(best[n])
     metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, labelled)
     metrics["num_transfer_examples"] = len(loaders.train.dataset) - labelled
+    if hidden_layers:
+        metrics["hidden_layers"] = hidden_layers
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
     if "test" in splits:
@@ -386,7 +462,7 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     return {"status": "finished", **metrics}
 
 
-LOSS_KEYS = ("train_loss", "train_loss_task", "train_loss_kd")
+LOSS_KEYS = ("train_loss", "train_loss_task", "train_loss_kd", "train_loss_hidden")
 
 
 def restore(out: Path, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any) -> Checkpoint | None:
@@ -431,7 +507,10 @@ def run_record(
 ) -> dict[str, Any]:
     """metrics.json: the best epoch's scores, every epoch's, the loss history, costs, and where it ran."""
     best = {k: v for k, v in progress.epochs[progress.best_epoch - 1].items() if k != "epoch"}
-    history = progress.history if cfg.train.method in DISTILLED else {"train_loss": progress.history["train_loss"]}
+    kept = ["train_loss"]
+    if cfg.train.method in DISTILLED:
+        kept += ["train_loss_task", "train_loss_kd"] + (["train_loss_hidden"] if cfg.kd.hidden_weight else [])
+    history = {k: progress.history[k] for k in kept}
     return {
         "task": task.name,
         "method": cfg.train.method,
