@@ -21,7 +21,11 @@ def make_tokenizer(directory: Path):
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    # from_pretrained reads vocab.txt on every transformers version; the constructor's argument was renamed in v5
+    # (vocab_file -> vocab), and the old name is silently ignored there, leaving a vocabulary of special tokens only.
+    tokenizer = BertTokenizerFast.from_pretrained(str(directory), do_lower_case=True)
+    assert tokenizer.convert_tokens_to_ids("cat") != tokenizer.unk_token_id
+    return tokenizer
 
 
 def tiny_bert_config(**kw):

@@ -24,7 +24,8 @@ def bpe_tokenizer(directory, pad=True):
     bpe.train_from_iterator(TEXTS, vocab_size=400, min_frequency=1,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # fmt: skip
     bpe.save_model(str(directory))
-    tok = RobertaTokenizerFast(vocab_file=str(directory / "vocab.json"), merges_file=str(directory / "merges.txt"))
+    tok = RobertaTokenizerFast.from_pretrained(str(directory))  # reads vocab.json and merges.txt on every version
+    assert len(tok) > 100
     if not pad:  # as decoder checkpoints ship: no pad token
         tok.pad_token = None
     return tok
