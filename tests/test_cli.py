@@ -258,9 +258,9 @@ def test_kd_lora_with_unlabelled_text(tmp_path, fft_run, tiny_glue, capsys):
 def test_kd_lora_with_hidden_state_distillation(tmp_path, fft_run, tiny_bert_dir, tiny_glue, capsys):
     """--hidden-weight: each student layer's output is matched to its teacher layer's (uniform map by default), the
     term is logged apart, and only LoRA and the head train. A map or student that cannot work fails before training."""
-    from conftest import tiny_bert_config
+    from conftest import make_tokenizer, tiny_bert_config
     from safetensors.torch import load_file
-    from transformers import BertModel
+    from transformers import BertModel, BertTokenizerFast
 
     teacher, _ = fft_run
     args = ["--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2"]
@@ -276,16 +276,25 @@ def test_kd_lora_with_hidden_state_distillation(tmp_path, fft_run, tiny_bert_dir
     plain = _train(tmp_path / "plain", tiny_glue, *args)
     assert "train_loss_hidden" not in plain and "hidden_layers" not in plain
 
-    narrow = tmp_path / "narrow"  # another width: its states cannot be compared with the teacher's
+    # A narrower student of the same vocabulary: a learned projection per layer pair bridges the widths, trains
+    # with the student, and is never saved with it.
+    narrow = tmp_path / "narrow"
     BertModel(tiny_bert_config(hidden_size=16, intermediate_size=32)).save_pretrained(narrow)
-    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
-        if (tiny_bert_dir / name).exists():
-            (narrow / name).write_bytes((tiny_bert_dir / name).read_bytes())
-    student = ["--method", "kd-lora", "--teacher", str(teacher), "--model", str(narrow)]
+    make_tokenizer(narrow).save_pretrained(narrow)
+    student = ["--method", "kd-lora", "--teacher", str(teacher), "--model", str(narrow), "--hidden-weight", "0.5"]
+    bridged = _train(tmp_path / "narrow-run", tiny_glue, *student)
+    assert bridged["hidden_layers"] == [1, 2, 3, 4] and bridged["hidden_projection_params"] == 4 * (16 * 32 + 32)
+    merged = load_file(tmp_path / "narrow-run" / "merged" / "model.safetensors")
+    assert not any("projection" in k for k in merged) and merged["classifier.weight"].shape == (2, 16)
+
+    other = tmp_path / "other-vocab"  # another vocabulary: its tokens are not the teacher's
+    BertModel(tiny_bert_config(hidden_size=16, intermediate_size=32)).save_pretrained(other)
+    (other / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "x", "y"]) + "\n")
+    BertTokenizerFast.from_pretrained(str(other)).save_pretrained(other)
     for extra, message in (
         (args + ["--hidden-layers", "1,2,3"], "give 2 teacher layers"),
         (args + ["--hidden-layers", "2,9"], "each from 1 to 4"),
-        (student, "the student needs the teacher's width (32)"),
+        (["--method", "kd-lora", "--teacher", str(teacher), "--model", str(other)], "needs the teacher's vocabulary"),
     ):
         out = tmp_path / "bad"
         assert main(train_argv(tiny_glue, out, "--quiet", *extra, "--hidden-weight", "0.5")) == 2

@@ -92,10 +92,20 @@ def preflight(cfg: RunConfig) -> Task:
     return task
 
 
-def hidden_layer_map(cfg: RunConfig, task: Task) -> list[int]:
-    """For intermediate-layer distillation: the teacher layer (from 1, an index of its hidden_states) whose output
-    each student layer's output is matched to. The states are compared token by token, so the student must have the
-    teacher's width and vocabulary (a student cut from it by --student-layers has both)."""
+@dataclass
+class HiddenMap:
+    """Intermediate-layer distillation's pairing: the teacher layer (from 1, an index of its hidden_states) whose
+    output each student layer's output is matched to, and the two widths."""
+
+    layers: list[int]
+    student_width: int
+    teacher_width: int
+
+
+def hidden_layer_map(cfg: RunConfig, task: Task) -> HiddenMap:
+    """The pairing of --hidden-layers (default uniform: student layer i of M to teacher layer i*N/M of N). States are
+    compared token by token, so the student needs the teacher's vocabulary; another width is bridged by a learned
+    projection (HiddenProjection). A student cut by --student-layers has the teacher's vocabulary and width."""
     from transformers import AutoConfig
 
     m = cfg.model
@@ -110,12 +120,10 @@ def hidden_layer_map(cfg: RunConfig, task: Task) -> list[int]:
         count, width = s_cfg.num_hidden_layers, s_cfg.hidden_size
         vocab = [load_tokenizer(p, m.trust_remote_code).get_vocab() for p in (student, teacher)]
         same_vocab = vocab[0] == vocab[1]
-    if width != t_cfg.hidden_size or not same_vocab:
+    if not same_vocab:
         raise KdloraError(
-            f"--hidden-weight compares hidden states token by token: the student needs the teacher's width "
-            f"({t_cfg.hidden_size}) and vocabulary; {m.name} has width {width}"
-            + ("" if same_vocab else " and another vocabulary")
-            + " (a student cut by --student-layers has both)"
+            f"--hidden-weight compares hidden states token by token: the student needs the teacher's vocabulary, "
+            f"and {m.name} has another (a student cut by --student-layers has the teacher's)"
         )
     layers = cfg.kd.hidden_layers or [round((i + 1) * n / count) for i in range(count)]
     if len(layers) != count or max(layers) > n:
@@ -123,7 +131,20 @@ def hidden_layer_map(cfg: RunConfig, task: Task) -> list[int]:
             f"--hidden-layers {','.join(map(str, layers))}: give {count} teacher layers, one per student layer, "
             f"each from 1 to {n}"
         )
-    return layers
+    return HiddenMap(layers, width, t_cfg.hidden_size)
+
+
+class HiddenProjection(torch.nn.Module):
+    """A learned linear map per matched layer from the student's width to the teacher's (TinyBERT's W_h), for a
+    student narrower or wider than its teacher. It trains with the student, serves only the loss, and is never saved
+    with the model."""
+
+    def __init__(self, count: int, student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.maps = torch.nn.ModuleList(torch.nn.Linear(student_width, teacher_width) for _ in range(count))
+
+    def forward(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m(h) for m, h in zip(self.maps, states, strict=True)]
 
 
 def load_frozen_teacher(teacher_run: Path, task: Task, device: Any) -> torch.nn.Module:
@@ -182,11 +203,14 @@ def model_source(cfg: RunConfig, teacher_run: Path | None) -> tuple[str, list[in
     return m.name, None
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, biases and LayerNorm weights without decay. The fused kernel can skip a step on the device (see
-    TrainStep), so a non-finite loss is kept from the weights without waiting on the host."""
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, extra: torch.nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the model's trainable parameters (and `extra`'s, a module that trains beside it), biases and
+    LayerNorm weights without decay. The fused kernel can skip a step on the device (see TrainStep), so a non-finite
+    loss is kept from the weights without waiting on the host."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in [*model.parameters(), *(extra.parameters() if extra is not None else [])]:
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -215,10 +239,12 @@ class TrainStep:
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, regression: bool,
                  max_grad_norm: float, teacher: Any = None, hidden_layers: list[int] | None = None,
-                 ) -> None:  # fmt: skip
+                 projection: Any = None) -> None:  # fmt: skip
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
         self.kd, self.regression, self.max_grad_norm = kd, regression, max_grad_norm
-        self.teacher, self.hidden_layers = teacher, hidden_layers  # only for hidden-state distillation
+        # Only for hidden-state distillation: the teacher beside the student, the layer pairs, a width projection.
+        self.teacher, self.hidden_layers, self.projection = teacher, hidden_layers, projection
+        self.params = [*model.parameters(), *(projection.parameters() if projection is not None else [])]
         self.inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
 
@@ -243,7 +269,7 @@ class TrainStep:
             self.bad |= ~torch.isfinite(parts.total)
             self.accelerator.backward(parts.total)
             if self.accelerator.sync_gradients and self.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
             fused = self.fused
             if fused:
                 self.inner.found_inf = self.bad.float()  # skips the update on the device while set
@@ -257,8 +283,9 @@ class TrainStep:
         """The hidden-state term: each student layer's output against its teacher layer's, on the same tokens."""
         with torch.no_grad(), self.accelerator.autocast():
             teacher_states = self.teacher(**batch.inputs, output_hidden_states=True).hidden_states
+        student = list(student_states[1:])  # [0] is the embeddings' output
         return hidden_state_loss(
-            student_states[1:],  # [0] is the embeddings' output
+            self.projection(student) if self.projection is not None else student,
             [teacher_states[i] for i in self.hidden_layers],
             batch.inputs["attention_mask"],
             self.kd.hidden_loss,
@@ -380,19 +407,30 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
         logits.rows_for if logits is not None else None,
     )  # fmt: skip
 
+    # Hidden-state distillation keeps the teacher beside the student, and bridges another width with a projection.
+    hidden, hidden_teacher, projection = None, None, None
+    if cfg.kd.hidden_weight and teacher_run is not None:
+        hidden = hidden_layer_map(cfg, task)
+        hidden_teacher = load_frozen_teacher(teacher_run, task, accelerator.device)
+        if hidden.student_width != hidden.teacher_width:
+            projection = HiddenProjection(len(hidden.layers), hidden.student_width, hidden.teacher_width)
+            projection.to(accelerator.device)
+
     # Optimizer and schedule, all of it handed to accelerate.
-    optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay)
+    optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay, projection)
     total_steps = math.ceil(len(loaders.train) / tc.grad_accum_steps) * tc.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in loaders.eval.items()}
-    hidden_teacher, hidden_layers = None, None
-    if cfg.kd.hidden_weight and teacher_run is not None:  # the teacher stays beside the student for its hidden states
-        hidden_layers = hidden_layer_map(cfg, task)
-        hidden_teacher = load_frozen_teacher(teacher_run, task, accelerator.device)
+    if projection is not None:
+        projection = accelerator.prepare(projection)
     step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm,
-                     hidden_teacher, hidden_layers)  # fmt: skip
+                     hidden_teacher, hidden.layers if hidden else None, projection)  # fmt: skip
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if projection is not None:  # checkpointed with the weights, so a resumed run continues it; never saved after
+        trainable.update(
+            {f"hidden_projection.{n}": p for n, p in accelerator.unwrap_model(projection).named_parameters()}
+        )
     reset_peak_memory(accelerator.device)  # the peak covers training only: not a teacher trained or run before it
 
     # A killed run continues where its checkpoint left it: weights, optimizer, schedule, position and RNG.
@@ -445,8 +483,9 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
             p.copy_(best[n])
     metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, labelled)
     metrics["num_transfer_examples"] = len(loaders.train.dataset) - labelled
-    if hidden_layers:
-        metrics["hidden_layers"] = hidden_layers
+    if hidden:
+        metrics["hidden_layers"] = hidden.layers
+        metrics["hidden_projection_params"] = sum(p.numel() for p in projection.parameters()) if projection else 0
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
     if "test" in splits:
