@@ -147,12 +147,52 @@ class HiddenProjection(torch.nn.Module):
         return [m(h) for m, h in zip(self.maps, states, strict=True)]
 
 
-def load_frozen_teacher(teacher_run: Path, task: Task, device: Any) -> torch.nn.Module:
-    """The fine-tuned teacher for hidden-state distillation: eval mode (no dropout), no gradients, on the device."""
-    from transformers import AutoModelForSequenceClassification
+@dataclass
+class HiddenKD:
+    """Hidden-state distillation in one run: the layer pairing, the fine-tuned teacher kept beside the student (eval
+    mode, no gradients) and, for a student of another width, the projection (prepared by accelerate)."""
 
-    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_model_dir(teacher_run, task))
-    return teacher.requires_grad_(False).eval().to(device)
+    pairing: HiddenMap
+    teacher: torch.nn.Module
+    projection: torch.nn.Module | None
+    kind: str
+
+    @classmethod
+    def setup(cls, cfg: RunConfig, task: Task, teacher_run: Path | None, accelerator: Any) -> HiddenKD | None:
+        if not cfg.kd.hidden_weight or teacher_run is None:
+            return None
+        from transformers import AutoModelForSequenceClassification
+
+        pairing = hidden_layer_map(cfg, task)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_model_dir(teacher_run, task))
+        teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
+        projection = None
+        if pairing.student_width != pairing.teacher_width:
+            projection = HiddenProjection(len(pairing.layers), pairing.student_width, pairing.teacher_width)
+            projection = accelerator.prepare(projection.to(accelerator.device))
+        return cls(pairing, teacher, projection, cfg.kd.hidden_loss)
+
+    def trainable(self, accelerator: Any) -> dict[str, torch.nn.Parameter]:
+        """The projection's parameters, named for the checkpoint (so a resumed run continues them)."""
+        if self.projection is None:
+            return {}
+        return {f"hidden_projection.{n}": p for n, p in accelerator.unwrap_model(self.projection).named_parameters()}
+
+    def loss(self, batch: Batch, student_states: tuple[torch.Tensor, ...], accelerator: Any) -> torch.Tensor:
+        """Each student layer's output against its teacher layer's, on the same tokens."""
+        with torch.no_grad(), accelerator.autocast():
+            teacher_states = self.teacher(**batch.inputs, output_hidden_states=True).hidden_states
+        student = list(student_states[1:])  # [0] is the embeddings' output
+        return hidden_state_loss(
+            self.projection(student) if self.projection is not None else student,
+            [teacher_states[i] for i in self.pairing.layers],
+            batch.inputs["attention_mask"],
+            self.kind,
+        )
+
+    def record(self) -> dict[str, Any]:
+        projection = sum(p.numel() for p in self.projection.parameters()) if self.projection is not None else 0
+        return {"hidden_layers": self.pairing.layers, "hidden_projection_params": projection}
 
 
 def data_splits(cfg: RunConfig, task: Task) -> list[str]:
@@ -230,7 +270,7 @@ def build_accelerator(tc: TrainArgs) -> Any:
 
 class TrainStep:
     """One micro-batch of training for every method: forward, objective, backward, clip and (at the end of an
-    accumulation) the optimizer and scheduler step. Returns the loss parts [total, task, kd], still on the device.
+    accumulation) the optimizer and scheduler step. Returns the loss parts [total, task, kd, hidden], on the device.
 
     A non-finite loss sets `self.bad` on the device, and while it is set no update happens: a fused optimizer skips
     inside the kernel (as with a GradScaler), so no step waits on the host; other optimizer groups are skipped after a
@@ -238,12 +278,10 @@ class TrainStep:
     before any checkpoint."""
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, regression: bool,
-                 max_grad_norm: float, teacher: Any = None, hidden_layers: list[int] | None = None,
-                 projection: Any = None) -> None:  # fmt: skip
+                 max_grad_norm: float, hidden: HiddenKD | None = None) -> None:  # fmt: skip
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
-        self.kd, self.regression, self.max_grad_norm = kd, regression, max_grad_norm
-        # Only for hidden-state distillation: the teacher beside the student, the layer pairs, a width projection.
-        self.teacher, self.hidden_layers, self.projection = teacher, hidden_layers, projection
+        self.kd, self.regression, self.max_grad_norm, self.hidden = kd, regression, max_grad_norm, hidden
+        projection = hidden.projection if hidden is not None else None
         self.params = [*model.parameters(), *(projection.parameters() if projection is not None else [])]
         self.inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
@@ -255,7 +293,7 @@ class TrainStep:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.accumulate(self.model):
-            out = self.model(**batch.inputs, output_hidden_states=self.teacher is not None)
+            out = self.model(**batch.inputs, output_hidden_states=self.hidden is not None)
             parts = objective(
                 out.logits,
                 batch.labels,
@@ -263,7 +301,7 @@ class TrainStep:
                 alpha=self.kd.alpha,
                 temperature=self.kd.temperature,
                 regression=self.regression,
-                hidden=self.hidden_loss(batch, out.hidden_states) if self.teacher is not None else None,
+                hidden=self.hidden.loss(batch, out.hidden_states, self.accelerator) if self.hidden else None,
                 hidden_weight=self.kd.hidden_weight,
             )
             self.bad |= ~torch.isfinite(parts.total)
@@ -279,26 +317,14 @@ class TrainStep:
             self.optimizer.zero_grad()
         return torch.stack([p.detach() for p in parts])
 
-    def hidden_loss(self, batch: Batch, student_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The hidden-state term: each student layer's output against its teacher layer's, on the same tokens."""
-        with torch.no_grad(), self.accelerator.autocast():
-            teacher_states = self.teacher(**batch.inputs, output_hidden_states=True).hidden_states
-        student = list(student_states[1:])  # [0] is the embeddings' output
-        return hidden_state_loss(
-            self.projection(student) if self.projection is not None else student,
-            [teacher_states[i] for i in self.hidden_layers],
-            batch.inputs["attention_mask"],
-            self.kd.hidden_loss,
-        )
-
 
 @dataclass
 class LossLog:
     """Loss per optimizer step, kept on the device and moved to the host in bulk (`flush`)."""
 
     history: dict[str, list[float]]  # LOSS_KEYS: one value per optimizer step
-    pending: list[torch.Tensor] = field(default_factory=list)  # [3] per step, not yet moved
-    micro: list[torch.Tensor] = field(default_factory=list)  # [3] per micro-batch of the step being accumulated
+    pending: list[torch.Tensor] = field(default_factory=list)  # [4] per step, not yet moved
+    micro: list[torch.Tensor] = field(default_factory=list)  # [4] per micro-batch of the step being accumulated
 
     def add(self, parts: torch.Tensor, accelerator: Any) -> bool:
         """Log one micro-batch; True when it ended an optimizer step."""
@@ -376,11 +402,42 @@ def distil_targets(
 # The loop
 
 
+def build_trained_model(
+    cfg: RunConfig, task: Task, teacher_run: Path | None, out: Path, main: bool
+) -> tuple[Any, Any, str, list[int] | None]:
+    """The model the run trains (a student cut from the teacher is saved in the run, so that its adapter names a base
+    that exists), with LoRA for the LoRA methods. Returns (model, tokenizer, source checkpoint, layers kept)."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)  # the head and LoRA initialisation depend on the seed and nothing else
+    source, layers = model_source(cfg, teacher_run)
+    model, tokenizer = build_model(source, task, "fft", layers=layers, trust_remote_code=cfg.model.trust_remote_code)
+    if layers:
+        base = rundir.save_student_base(out, model, tokenizer) if main else rundir.student_base_dir(out)
+        model.name_or_path = model.config._name_or_path = str(base)
+    if cfg.train.method in LORA_METHODS:
+        model = add_lora(model, cfg.lora)
+    return model, tokenizer, source, layers
+
+
+def prepare_training(
+    tc: TrainArgs, model: Any, loaders: Any, accelerator: Any, extra: torch.nn.Module | None
+) -> tuple[Any, Any, Any, Any, dict[str, Any], int]:
+    """AdamW over the model (and `extra`, a module that trains beside it) with a linear warm-up schedule, all of it
+    handed to accelerate. Returns (model, optimizer, scheduler, train loader, eval loaders, optimizer steps)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay, extra)
+    total_steps = math.ceil(len(loaders.train) / tc.grad_accum_steps) * tc.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
+    eval_loaders = {s: accelerator.prepare(loader) for s, loader in loaders.eval.items()}
+    return model, optimizer, scheduler, train_loader, eval_loaders, total_steps
+
+
 def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one run into cfg.train.output_dir and write its outputs; returns the metrics record."""
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     tc, task, out = cfg.train, load_task(cfg.data), Path(cfg.train.output_dir)
     accelerator = build_accelerator(tc)
@@ -393,51 +450,28 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     labelled = len(splits["train"])
     splits["train"] = distil_examples(cfg, task, teacher_run, splits["train"])
     logits, teacher_record = distil_targets(cfg, task, teacher_run, splits["train"], accelerator, quiet)
-    set_seed(tc.seed)  # the head and LoRA initialisation depend on the seed and nothing else
-    source, layers = model_source(cfg, teacher_run)
-    model, tokenizer = build_model(source, task, "fft", layers=layers, trust_remote_code=cfg.model.trust_remote_code)
-    if layers:  # a student cut from a teacher is saved in the run, so that its adapter names a base that exists
-        base = rundir.save_student_base(out, model, tokenizer) if main else rundir.student_base_dir(out)
-        model.name_or_path = model.config._name_or_path = str(base)
-    if tc.method in LORA_METHODS:
-        model = add_lora(model, cfg.lora)
+    model, tokenizer, source, layers = build_trained_model(cfg, task, teacher_run, out, main)
     params = {**count_parameters(model), "total_params": deployed_parameters(model)}
     loaders = build_loaders(
         splits, tokenizer, task, cfg.data.max_length, tc.batch_size, tc.eval_batch_size, tc.seed,
         logits.rows_for if logits is not None else None,
     )  # fmt: skip
 
-    # Hidden-state distillation keeps the teacher beside the student, and bridges another width with a projection.
-    hidden, hidden_teacher, projection = None, None, None
-    if cfg.kd.hidden_weight and teacher_run is not None:
-        hidden = hidden_layer_map(cfg, task)
-        hidden_teacher = load_frozen_teacher(teacher_run, task, accelerator.device)
-        if hidden.student_width != hidden.teacher_width:
-            projection = HiddenProjection(len(hidden.layers), hidden.student_width, hidden.teacher_width)
-            projection.to(accelerator.device)
+    # Hidden-state distillation keeps the teacher beside the student (and a width projection that trains with it).
+    hidden = HiddenKD.setup(cfg, task, teacher_run, accelerator)
 
     # Optimizer and schedule, all of it handed to accelerate.
-    optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay, projection)
-    total_steps = math.ceil(len(loaders.train) / tc.grad_accum_steps) * tc.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
-    eval_loaders = {s: accelerator.prepare(loader) for s, loader in loaders.eval.items()}
-    if projection is not None:
-        projection = accelerator.prepare(projection)
-    step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm,
-                     hidden_teacher, hidden.layers if hidden else None, projection)  # fmt: skip
+    model, optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare_training(
+        tc, model, loaders, accelerator, hidden.projection if hidden else None
+    )
+    step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm, hidden)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if projection is not None:  # checkpointed with the weights, so a resumed run continues it; never saved after
-        trainable.update(
-            {f"hidden_projection.{n}": p for n, p in accelerator.unwrap_model(projection).named_parameters()}
-        )
+    trainable.update(hidden.trainable(accelerator) if hidden else {})  # checkpointed, never saved with the model
     reset_peak_memory(accelerator.device)  # the peak covers training only: not a teacher trained or run before it
 
     # A killed run continues where its checkpoint left it: weights, optimizer, schedule, position and RNG.
     ckpt = restore(out, trainable, optimizer, scheduler) if resume else None
     progress = ckpt.progress if ckpt else Progress(history={k: [] for k in LOSS_KEYS})
-    for k in LOSS_KEYS:  # a checkpoint written before the hidden-state term existed lacks its history
-        progress.history.setdefault(k, [0.0] * len(progress.history["train_loss"]))
     log, best = LossLog(progress.history), ckpt.best if ckpt else None
     seconds_before, start = progress.train_seconds, time.perf_counter()
 
@@ -483,9 +517,7 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
             p.copy_(best[n])
     metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, labelled)
     metrics["num_transfer_examples"] = len(loaders.train.dataset) - labelled
-    if hidden:
-        metrics["hidden_layers"] = hidden.layers
-        metrics["hidden_projection_params"] = sum(p.numel() for p in projection.parameters()) if projection else 0
+    metrics.update(hidden.record() if hidden else {})
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
     if "test" in splits:
@@ -514,6 +546,8 @@ def restore(out: Path, trainable: dict[str, torch.Tensor], optimizer: Any, sched
             p.copy_(ckpt.trainable[n])
     optimizer.load_state_dict(ckpt.state["optimizer"])
     scheduler.load_state_dict(ckpt.state["scheduler"])
+    for k in LOSS_KEYS:  # a checkpoint written before the hidden-state term existed lacks its history
+        ckpt.progress.history.setdefault(k, [0.0] * len(ckpt.progress.history["train_loss"]))
     say(f"resuming {out} at epoch {ckpt.progress.epoch + 1}, batch {ckpt.progress.batches_done}")
     return ckpt
 
