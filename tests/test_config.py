@@ -1,6 +1,6 @@
 import pytest
 
-from kdlora.config import DEFAULT_LR, load_config
+from kdlora.config import DEFAULT_EPOCHS, DEFAULT_LR, build_config, load_config
 from kdlora.errors import KdloraError
 
 BASE = {"model": {"name": "m"}, "train": {"method": "lora"}}
@@ -11,12 +11,43 @@ def test_precedence_defaults_yaml_flags(tmp_path):
     path.write_text("model: {name: m}\ntrain: {method: lora, epochs: 7, lr: 0.001}\nlora: {r: 4}\n")
     cfg = load_config(path, {"train": {"epochs": "2"}, "lora": {"target_modules": "query,key"}})
     assert cfg.train.epochs == 2 and cfg.train.lr == 0.001 and cfg.lora.r == 4
-    assert cfg.lora.target_modules == ["query", "key"] and cfg.kd.alpha == 0.5 and cfg.kd.temperature == 2.0
+    assert cfg.lora.target_modules == ["query", "key"] and cfg.kd.alpha == 0.5 and cfg.kd.temperature == 1.0
 
 
 def test_method_default_lr():
     assert load_config(None, BASE).train.lr == DEFAULT_LR["lora"]
     assert load_config(None, {"model": {"name": "m"}, "train": {"method": "fft"}}).train.lr == DEFAULT_LR["fft"]
+
+
+KD = {"model": {"teacher": "t", "student_layers": [0, 2]}}
+
+
+def test_default_config_is_the_tuned_one_and_paper_preset_keeps_the_papers():
+    cfg = load_config(None, KD)  # kd-lora by default
+    assert cfg.train.method == "kd-lora" and cfg.train.epochs == 5 and cfg.train.lr == 2e-3
+    assert cfg.lora.target_modules == ["all-linear"] and cfg.kd.temperature == 1.0 and cfg.kd.alpha == 0.5
+    assert cfg.model.student_init == "teacher"
+    fft = load_config(None, {"model": {"name": "m"}, "train": {"method": "fft"}})
+    assert fft.train.epochs == DEFAULT_EPOCHS["fft"] == 3 and fft.train.lr == 5e-5
+    lora = load_config(None, BASE)
+    assert lora.train.epochs == 5 and lora.lora.target_modules == ["all-linear"] and lora.train.lr == 5e-4
+
+    paper = load_config(None, KD, preset="paper")
+    assert paper.lora.target_modules is None and paper.kd.temperature == 2.0 and paper.train.epochs == 3
+    assert paper.train.lr == 2e-3
+    paper_lora = load_config(None, BASE, preset="paper")
+    assert paper_lora.train.lr == 2e-3 and paper_lora.lora.target_modules is None
+    paper_fft = load_config(None, {"model": {"name": "m"}, "train": {"method": "fft"}}, preset="paper")
+    assert paper_fft.train.lr == 5e-5 and paper_fft.train.epochs == 3
+    # the preset is the lowest layer: a file or a flag still wins over it
+    assert load_config(None, {**KD, "kd": {"temperature": 4}}, preset="paper").kd.temperature == 4.0
+    assert load_config(None, {**KD, "lora": {"target_modules": "none"}}).lora.target_modules is None
+    assert build_config(KD, "default") == load_config(None, KD)
+
+
+def test_unknown_preset_is_one_line():
+    with pytest.raises(KdloraError, match="unknown preset 'papr'.*did you mean 'paper'"):
+        load_config(None, KD, preset="papr")
 
 
 @pytest.mark.parametrize(
@@ -80,7 +111,7 @@ def test_settings_that_leave_results_alone_are_not_compared(tmp_path):
     cfg = load_config(None, {"model": {"name": "m"}, "train": {"method": "lora", "output_dir": str(tmp_path)}})
     kept = comparable(cfg)
     assert "output_dir" not in kept["train"] and "save_steps" not in kept["train"] and "seed" in kept["train"]
-    assert "no_recompute" not in kept["kd"]
+    assert "kd" not in kept  # a lora run reads no KD setting
     stored = cfg.to_dict()
     stored["train"].update(output_dir="elsewhere", quiet=True, save_steps=7)
     del stored["lora"]["lora_dropout"]  # written by a version before the field: its default is no difference
@@ -89,3 +120,22 @@ def test_settings_that_leave_results_alone_are_not_compared(tmp_path):
     stored["train"]["lr"] = 1.0
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
     assert not same_config(tmp_path, cfg)
+
+
+def test_sections_a_method_does_not_read_are_not_compared(tmp_path):
+    """An fft teacher trained before the LoRA defaults changed is still the same teacher."""
+    import yaml
+
+    from kdlora.rundir import same_config
+
+    cfg = load_config(None, {"model": {"name": "m"}, "train": {"method": "fft", "output_dir": str(tmp_path)}})
+    stored = cfg.to_dict()
+    stored["lora"]["target_modules"], stored["kd"]["temperature"] = None, 2.0
+    stored["model"]["student_init"] = "pretrained"  # read only with --student-layers
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert same_config(tmp_path, cfg)
+    kd = load_config(None, {"model": {"teacher": "t", "student_layers": [0]}, "train": {"output_dir": str(tmp_path)}})
+    stored = kd.to_dict()
+    stored["lora"]["target_modules"] = None
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(stored))
+    assert not same_config(tmp_path, kd)

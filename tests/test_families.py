@@ -129,16 +129,29 @@ def answers(out, pair=True):
     return (result[0] if isinstance(result, list) else result)["label"]
 
 
+# Every linear layer but the head (the default, all-linear), and the paper's query/value (--preset paper).
+ALL_LINEAR = {
+    "distilbert": {"q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"},
+    "distilroberta": {"query", "key", "value", "output.dense", "intermediate.dense"},
+    # DeBERTa's disentangled attention has its own position projections
+    "deberta-small": {"query_proj", "key_proj", "value_proj", "pos_query_proj", "pos_key_proj"}
+    | {"output.dense", "intermediate.dense"},
+}
+
+
 @pytest.mark.parametrize(
-    "teacher, student, targets",
+    "teacher, student, preset, targets",
     [
-        ("bert", "distilbert", {"q_lin", "v_lin"}),  # BERT-base -> DistilBERT: WordPiece
-        ("roberta", "distilroberta", {"query", "value"}),  # RoBERTa-base -> DistilRoBERTa: byte-level BPE
-        ("deberta", "deberta-small", {"query_proj", "value_proj"}),  # DeBERTa-v3 base -> small: SentencePiece Unigram
+        ("bert", "distilbert", "default", ALL_LINEAR["distilbert"]),  # BERT-base -> DistilBERT: WordPiece
+        ("bert", "distilbert", "paper", {"q_lin", "v_lin"}),
+        ("roberta", "distilroberta", "default", ALL_LINEAR["distilroberta"]),  # RoBERTa -> DistilRoBERTa: BPE
+        ("roberta", "distilroberta", "paper", {"query", "value"}),
+        ("deberta", "deberta-small", "default", ALL_LINEAR["deberta-small"]),  # DeBERTa-v3: SentencePiece Unigram
+        ("deberta", "deberta-small", "paper", {"query_proj", "value_proj"}),
     ],
 )
-def test_the_papers_pairs_end_to_end(tmp_path, checkpoints, pair_data, teacher, student, targets):
-    out = distil(tmp_path, checkpoints, pair_data, teacher, "--model", str(checkpoints[student]))
+def test_the_papers_pairs_end_to_end(tmp_path, checkpoints, pair_data, teacher, student, preset, targets):
+    out = distil(tmp_path, checkpoints, pair_data, teacher, "--model", str(checkpoints[student]), "--preset", preset)
     metrics = json.loads((out / "metrics.json").read_text())
     teacher_metrics = json.loads((out / "teacher" / "metrics.json").read_text())
     assert metrics["status"] == "finished" and metrics["total_params"] < teacher_metrics["total_params"]
@@ -161,7 +174,8 @@ def test_decoder_only_teacher_and_student_from_its_layers(tmp_path, checkpoints,
     """A decoder classifier without a pad token: its eos pads, `score` trains, the student keeps `model.layers` 0, 2."""
     out = distil(tmp_path, checkpoints, pair_data, family, "--student-layers", "0,2", "--student-init", "teacher")
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert set(adapter["target_modules"]) == {"q_proj", "v_proj"} and "score" in adapter["modules_to_save"]
+    every_linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter["target_modules"]) == every_linear and "score" in adapter["modules_to_save"]
     config = json.loads((out / "merged" / "config.json").read_text())
     from transformers import AutoTokenizer
 

@@ -109,8 +109,34 @@ def test_dotted_target_suffixes_pick_modules_as_peft_does():
         resolve_target_modules(_tiny("bert"), ["pooler.query"])
 
 
+@pytest.mark.parametrize("kind", sorted(TARGETS))
+def test_all_linear_adapts_every_linear_layer_but_the_head(kind):
+    model = _tiny(kind)
+    heads = HEADS[kind]
+    body = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(p in heads for p in n.split("."))
+    }
+    peft_model = add_lora(model, LoraArgs(r=4, target_modules=["all-linear"]))
+    adapted = {
+        n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0]
+        for n, _ in peft_model.named_parameters()
+        if ".lora_A." in n
+    }
+    assert adapted == body and len(body) >= 4 * 2  # at least query and value of both layers
+    if kind == "bert":
+        assert resolve_target_modules(_tiny(kind), ["all-linear"]) == [
+            "query",
+            "key",
+            "value",
+            "output.dense",
+            "intermediate.dense",
+        ]
+
+
 def test_parameter_counts_follow_the_lora_formula():
-    model = add_lora(_tiny("bert"), LoraArgs(r=8))
+    model = add_lora(_tiny("bert"), LoraArgs(r=8, target_modules=None))
     counts = count_parameters(model)
     assert counts["lora_params"] == 4 * 2 * 8 * (32 + 32)  # layers x (q, v) x r x (d_in + d_out)
     head = (32 * 32 + 32) + (32 * 2 + 2)  # pooler + classifier
@@ -122,7 +148,7 @@ def test_bert_base_query_value_lora_count():
     from transformers import BertConfig, BertForSequenceClassification
 
     with torch.device("meta"):
-        model = add_lora(BertForSequenceClassification(BertConfig()), LoraArgs(r=8))
+        model = add_lora(BertForSequenceClassification(BertConfig()), LoraArgs(r=8, target_modules=None))
     assert count_parameters(model)["lora_params"] == 294_912  # 12 layers x 2 x 8 x (768 + 768)
 
 
@@ -180,7 +206,7 @@ def test_peft_lora_variants_start_at_the_base_model_and_merge_exactly(variant):
     x = torch.randint(5, len(VOCAB), (2, 7))
     with torch.no_grad():
         ref = base(input_ids=x).logits
-        model = add_lora(base, LoraArgs(r=4, lora_dropout=0.0, **variant)).eval()
+        model = add_lora(base, LoraArgs(r=4, lora_dropout=0.0, target_modules=None, **variant)).eval()
         out = model(input_ids=x).logits
         # a trained-looking adapter: B away from zero, so that merging has something to fold
         for name, p in model.named_parameters():

@@ -77,6 +77,8 @@ def sweep_cmd(model: Path, glue: Path, out: Path, grid: Path, *extra: str) -> li
         "--quiet",
         "--top-k",
         "2",
+        "--target-modules",
+        "none",  # query/value: the fewest LoRA matrices keep a trial short
         *extra,
     ]
 

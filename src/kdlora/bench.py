@@ -44,6 +44,7 @@ class BenchArgs:
     data_dir: str | None = None  # validation data for inference timing; None uses `datasets`
     data: dict[str, Any] = field(default_factory=dict)  # the user's own data: DataArgs fields (train_file, ...)
     ranks: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    target_modules: list[str] | None = None  # LoRA targets; None: query/value, as the paper's Table 2
     batch_size: int = 32  # training batch for the memory measurement
     seq_len: int = 128  # training sequence length for the memory measurement (every sequence full)
     train_steps: int = 3  # optimizer steps per memory measurement
@@ -79,7 +80,7 @@ def build(args: BenchArgs, method: str, rank: int, task: Task) -> tuple[torch.nn
         args.student if student and args.student else args.teacher,
         task,
         method,
-        LoraArgs(r=rank, lora_alpha=2 * rank, lora_dropout=0.0),
+        LoraArgs(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=args.target_modules),
         layers=args.student_layers if student and not args.student else None,
     )
 

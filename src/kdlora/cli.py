@@ -45,15 +45,14 @@ OWN_DATA_FLAGS = (
     "--metric",
 )
 
-# The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student.
-# The student starts from the fine-tuned teacher's layers: all-MiniLM-L6-v2 was trained for mean-pooled embeddings, and
-# from its pretrained layers a LoRA student did worse on CoLA in both single-seed runs so far (MCC 0.06 vs 0.14,
-# 0.10 vs 0.12).
+# The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student,
+# with kdlora's default config (the student starts from the fine-tuned teacher's layers: all-MiniLM-L6-v2 was trained
+# for mean-pooled embeddings, and from its pretrained layers a LoRA student did worse on CoLA).
 DEMO: dict[str, dict[str, Any]] = {
-    "model": {"teacher_model": "all-MiniLM-L6-v2", "student_layers": [0, 2, 4], "student_init": "teacher"},
+    "model": {"teacher_model": "all-MiniLM-L6-v2", "student_layers": [0, 2, 4]},
     "data": {"task": "cola"},
     "kd": {"teacher_epochs": 2},
-    "train": {"method": "kd-lora", "epochs": 3, "output_dir": "runs/demo", "lr": 2e-3},
+    "train": {"method": "kd-lora", "output_dir": "runs/demo"},
 }
 # A few minutes on 2 CPU cores. Smaller batches give the teacher enough steps to leave the majority class.
 DEMO_QUICK = {
@@ -63,8 +62,20 @@ DEMO_QUICK = {
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    _add_preset_flag(p)
     p.add_argument("--config", help="YAML file with model/data/lora/kd/train sections; flags override it")
     _add_config_flags(p)
+
+
+def _add_preset_flag(p: argparse.ArgumentParser) -> None:
+    from kdlora.config import PRESETS
+
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="the settings below --config and the flags: default (kdlora's: LoRA on every linear layer, T 1, 5 "
+        "epochs for the LoRA methods) or paper (the KD-LoRA paper's: query/value, T 2, 3 epochs)",
+    )
 
 
 def _add_config_flags(
@@ -180,6 +191,11 @@ def _add_protocol_parsers(sub: Any) -> None:
     p.add_argument("--data-dir", help="GLUE data for the inference timing (default ../shared/glue when present)")
     _add_config_flags(p, only=OWN_DATA_FLAGS)
     p.add_argument("--ranks", default="8,16,32,64")
+    p.add_argument(
+        "--target-modules",
+        default="none",
+        help="LoRA targets: none (query/value, as in the paper's Table 2; the default), all-linear, or names",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="training batch for the memory measurement")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length for the memory measurement")
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -205,6 +221,7 @@ def _add_protocol_parsers(sub: Any) -> None:
     p.add_argument("--student-init", help="pretrained | teacher: take --student-layers from which checkpoint")
     p.add_argument("--data-dir", help="GLUE TSV directory, e.g. ../shared/glue")
     p.add_argument("--output-dir", default="runs/compare")
+    _add_preset_flag(p)
     p.add_argument("--config", help="YAML: `common:` sections for every arm, then `fft:`, `lora:`, `kd-lora:` sections")
     p.add_argument(
         "--set",
@@ -239,18 +256,20 @@ def _add_protocol_parsers(sub: Any) -> None:
 
 
 def _train_values(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Config sections from the lowest layer up: a preset, the --config YAML file, the flags."""
-    from kdlora.config import layered, read_yaml
+    """Config sections from the lowest layer up: --preset, a command's own preset, the --config YAML file, the
+    flags."""
+    from kdlora.config import layered, preset_values, read_yaml
 
-    return layered(preset, read_yaml(args.config) if args.config else {}, _overrides(args))
+    values = layered(preset, read_yaml(args.config) if args.config else {}, _overrides(args))
+    return layered(preset_values(args.preset, values.get("train", {}).get("method")), values)
 
 
 def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> int:
-    from kdlora.config import load_config
+    from kdlora.config import build_config
     from kdlora.env import is_main_process
     from kdlora.train import run
 
-    cfg = load_config(None, _train_values(args, preset))
+    cfg = build_config(_train_values(args, preset))
     metrics = run(cfg)
     if is_main_process():
         _print_summary(metrics, Path(cfg.train.output_dir))
@@ -403,6 +422,7 @@ def _bench(args: argparse.Namespace) -> int:
         data_dir=data_dir,
         data=own,
         ranks=ints(args.ranks, "--ranks"),
+        target_modules=None if args.target_modules.lower() == "none" else args.target_modules.split(","),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         eval_batch_size=args.eval_batch_size,
@@ -466,6 +486,7 @@ def _compare(args: argparse.Namespace) -> int:
         output_dir=args.output_dir,
         common=common,
         arms=arms,
+        preset=args.preset,
         inference_runs=args.inference_runs,
         overwrite=args.overwrite,
         quiet=args.quiet,

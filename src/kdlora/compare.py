@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from kdlora.bench import own_data
-from kdlora.config import RunConfig, build_config, layered
+from kdlora.config import RunConfig, build_config, layered, preset_values
 from kdlora.errors import KdloraError
 from kdlora.rundir import merged_dir, read_inference, read_run, same_config, write_inference
 from kdlora.tasks import glue_name
@@ -43,6 +43,7 @@ class CompareArgs:
     output_dir: str = "runs/compare"
     common: dict[str, dict[str, Any]] = field(default_factory=dict)  # config sections for every arm
     arms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # per arm: config sections
+    preset: str | None = None  # a named preset (kdlora.config.PRESETS) below the common settings
     inference_runs: int = 10  # timed passes over the validation set per arm (after one warm-up pass)
     overwrite: bool = False  # replace finished arms whose config changed (same-config arms are always reused)
     quiet: bool = False
@@ -76,8 +77,9 @@ def arm_dir(args: CompareArgs, task: str, seed: int, arm: str) -> Path:
 
 
 def arm_config(args: CompareArgs, task: str, seed: int, arm: str) -> RunConfig:
-    """defaults < common settings < the arm's own settings < what the arm is (method, models, task, seed, directory)."""
-    values = layered(args.common, args.arms[arm])
+    """defaults < the preset < common settings < the arm's own settings < what the arm is (method, models, task, seed,
+    directory)."""
+    values = layered(preset_values(args.preset, arm), args.common, args.arms[arm])
     model = values.setdefault("model", {})
     if arm == "kd-lora":
         model.update(teacher=str(arm_dir(args, task, seed, "fft")), teacher_model=None)

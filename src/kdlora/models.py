@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from kdlora.config import LORA_METHODS, LoraArgs
+from kdlora.config import ALL_LINEAR, LORA_METHODS, LoraArgs
 from kdlora.errors import KdloraError
 from kdlora.tasks import Task
 
@@ -185,12 +185,15 @@ def _has_head(config: Any) -> bool:
 
 
 def resolve_target_modules(model: nn.Module, requested: list[str] | None) -> list[str]:
-    """The module names LoRA adapts: `requested` if given (checked to exist), else the architecture's query/value.
+    """The module names LoRA adapts: `requested` if given (checked to exist; all-linear: every linear layer but the
+    head), else the architecture's query/value.
 
     As in peft, a target is a module name or a dotted suffix of one: `output.dense` picks BERT's attention-output and
     FFN-output projections, not the pooler's `dense`."""
     linear = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     leaf_names = {name.rsplit(".", 1)[-1] for name in linear}
+    if requested == [ALL_LINEAR]:
+        return all_linear_targets(linear, head_modules(model))
     if requested:
         missing = [t for t in requested if not any(n == t or n.endswith("." + t) for n in linear)]
         if missing:
@@ -208,6 +211,29 @@ def resolve_target_modules(model: nn.Module, requested: list[str] | None) -> lis
     if not targets or not set(targets) <= leaf_names:
         raise KdloraError(f"no default LoRA targets for model type '{model_type}': pass --target-modules")
     return list(targets)
+
+
+def all_linear_targets(linear: list[str], heads: list[str]) -> list[str]:
+    """The shortest dotted suffixes that pick every linear layer in `linear` outside the head modules and nothing in
+    them: for BERT query, key, value, output.dense, intermediate.dense (the pooler's and classifier's left out)."""
+
+    def in_head(name: str) -> bool:
+        return any(part in heads for part in name.split("."))
+
+    body, head = [n for n in linear if not in_head(n)], [n for n in linear if in_head(n)]
+    if not body:
+        raise KdloraError("the model has no linear layers outside its head for LoRA: pass --target-modules")
+    targets: list[str] = []
+    for name in body:
+        if any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(h == suffix or h.endswith("." + suffix) for h in head):
+                targets.append(suffix)
+                break
+    return targets
 
 
 def head_modules(model: nn.Module) -> list[str]:

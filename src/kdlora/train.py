@@ -23,7 +23,7 @@ import torch
 from kdlora import __version__, rundir
 from kdlora.card import model_card
 from kdlora.checkpoint import Checkpoint, Progress, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kdlora.config import DISTILLED, LORA_METHODS, KDArgs, RunConfig, TrainArgs
+from kdlora.config import DEFAULT_EPOCHS, DISTILLED, LORA_METHODS, KDArgs, RunConfig, TrainArgs
 from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_splits, load_task, read_unlabeled
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
@@ -206,7 +206,7 @@ def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
     t.model = type(cfg.model)(name=cfg.model.teacher_model, trust_remote_code=cfg.model.trust_remote_code)
     t.train.method = "fft"
     t.train.lr = cfg.kd.teacher_lr
-    t.train.epochs = cfg.kd.teacher_epochs or cfg.train.epochs
+    t.train.epochs = cfg.kd.teacher_epochs or DEFAULT_EPOCHS["fft"]
     t.train.output_dir = str(output_dir)
     t.train.overwrite = t.train.resume = False  # an unfinished teacher resumes; a finished one is reused or replaced
     t.lora, t.kd = type(cfg.lora)(), type(cfg.kd)()
