@@ -154,7 +154,9 @@ def test_report_table2_counts_follow_the_lora_formula(runs_dir):
             continue
         layers = 2 if row["method"] == "kd-lora" else LAYERS
         r = int(row["rank"])
-        assert int(row["lora_params"]) == layers * 2 * r * (hidden + hidden)  # query and value, A and B
+        # the default all-linear: q, k, v, attention output (hidden -> hidden); intermediate, output (hidden <-> ffn)
+        ffn = tiny_bert_config().intermediate_size
+        assert int(row["lora_params"]) == layers * r * (4 * 2 * hidden + 2 * (hidden + ffn))
         head = hidden * hidden + hidden + hidden * 2 + 2  # pooler + classifier
         assert int(row["trainable_params"]) == int(row["lora_params"]) + head
     assert sorted(int(r["rank"]) for r in rows if r["method"] == "lora") == [8, 16, 32, 64]
