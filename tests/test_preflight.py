@@ -65,7 +65,7 @@ def test_two_runs_at_once_one_wins(tmp_path, tiny_bert_dir, tiny_glue):
     interrupted run gives the directory back."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "kdlora", *train_argv(tiny_glue, out, "--model", str(tiny_bert_dir)), "--quiet"]
-    first = subprocess.Popen([*argv, "--epochs", "500", "--save-steps", "0"], stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([*argv, "--epochs", "100000", "--save-steps", "0"], stderr=subprocess.PIPE, text=True)
     for _ in range(1200):  # wait until the first holds the lock and has started
         if (out / "config.yaml").exists():
             break
