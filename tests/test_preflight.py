@@ -65,7 +65,10 @@ def test_two_runs_at_once_one_wins(tmp_path, tiny_bert_dir, tiny_glue):
     interrupted run gives the directory back."""
     out = tmp_path / "run"
     argv = [sys.executable, "-m", "kdlora", *train_argv(tiny_glue, out, "--model", str(tiny_bert_dir)), "--quiet"]
-    first = subprocess.Popen([*argv, "--epochs", "100000", "--save-steps", "0"], stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: an earlier test may leave it ignored in pytest, and children inherit that
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    cmd = [*argv, "--epochs", "100000", "--save-steps", "0"]
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     for _ in range(1200):  # wait until the first holds the lock and has started
         if (out / "config.yaml").exists():
             break
