@@ -234,6 +234,65 @@ def test_kd_lora_with_a_transfer_set(tmp_path, fft_run, tiny_glue):
     assert sum(a.text_a != b.text_a for a, b in zip(train * 2, made, strict=True)) > 96  # most are changed
 
 
+def test_transfer_set_from_a_masked_lm(tmp_path, fft_run, tiny_bert_dir, tiny_glue, capsys):
+    """--augment-mlm: the swapped pieces are a masked LM's top predictions at the masked positions (TinyBERT's
+    augmentation); deterministic and independent of batching; a checkpoint without a masked-LM head fails in one line
+    before training."""
+    import torch
+    from conftest import make_tokenizer, tiny_bert_config
+    from transformers import BertForMaskedLM
+
+    from kdlora.config import DataArgs
+    from kdlora.data import load_splits, load_task
+    from kdlora.teacher import MaskedLMSwap, _draws, transfer_set
+
+    teacher, _ = fft_run
+    mlm = tmp_path / "mlm"
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_bert_config()).save_pretrained(mlm)
+    make_tokenizer(mlm).save_pretrained(mlm)
+    args = ["--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2", "--augment", "1"]
+    metrics = _train(tmp_path / "run", tiny_glue, *args, "--augment-mlm", str(mlm))
+    assert metrics["num_transfer_examples"] == 96
+    assert f"pieces proposed by the masked LM {mlm}" in (tmp_path / "run" / "merged" / "README.md").read_text()
+
+    data = DataArgs(task="cola", data_dir=str(tiny_glue))
+    train, task = load_splits(data, ["train"])["train"], load_task(data)
+    made = transfer_set(teacher, train, task, 2, 0.5, 3, seed=1, mlm=str(mlm))
+    assert made == transfer_set(teacher, train, task, 2, 0.5, 3, seed=1, mlm=str(mlm))
+    assert made != transfer_set(teacher, train, task, 2, 0.5, 3, seed=1)  # not the embedding neighbours
+    assert sum(a.text_a != b.text_a for a, b in zip(train * 2, made, strict=True)) > 96
+
+    # Each swapped piece is among the masked LM's top 3 at its position, with every chosen piece masked; batching
+    # does not change the result.
+    swap = MaskedLMSwap(str(mlm), 3, batch_size=1)
+    g = torch.Generator().manual_seed(0)
+    texts = [(ids, *_draws(ids, 0.5, g)) for ids in (swap.tokenizer(e.text_a, add_special_tokens=False)["input_ids"]
+                                                       for e in train[:8])]  # fmt: skip
+    one = swap(texts)
+    assert one == MaskedLMSwap(str(mlm), 3, batch_size=16)(texts)
+    ids, chosen, _ = texts[0]
+    masked = [swap.tokenizer.mask_token_id if c else i for i, c in zip(ids, chosen, strict=True)]
+    with torch.no_grad():
+        tok = swap.tokenizer
+        logits = swap.model(torch.tensor([[tok.cls_token_id, *masked, tok.sep_token_id]])).logits[0]
+    for j, (old, new) in enumerate(zip(ids, one[0], strict=True)):
+        if chosen[j]:
+            scores = logits[1 + j].clone()
+            scores[[old, *swap.special]] = float("-inf")
+            assert new in scores.topk(3).indices.tolist()
+        else:
+            assert new == old
+
+    for extra, message in (
+        (["--augment-mlm", str(tiny_bert_dir)], "has no masked-LM head"),
+        (["--augment", "0", "--augment-mlm", str(mlm)], "give N"),
+    ):
+        out = tmp_path / "bad"
+        assert main(train_argv(tiny_glue, out, "--quiet", *args, *extra)) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+
+
 def test_kd_lora_with_unlabelled_text(tmp_path, fft_run, tiny_glue, capsys):
     """--unlabeled-file: the user's unlabelled rows join the training set with the teacher's logits as their only
     target; a file that does not fit the task fails before training, in one line."""
@@ -301,6 +360,51 @@ def test_kd_lora_with_hidden_state_distillation(tmp_path, fft_run, tiny_bert_dir
         out = tmp_path / "bad"
         assert main(train_argv(tiny_glue, out, "--quiet", *extra, "--hidden-weight", "0.5")) == 2
         assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_kd_lora_with_attention_relation_distillation(tmp_path, fft_run, tiny_glue, capsys):
+    """--attention-weight: the student's last layer learns the query/key/value relations of a teacher layer (MiniLMv2),
+    logged apart, with or without the hidden-state term; a narrower student needs no projection; a layer or head
+    count that cannot work fails before training, in one line."""
+    from conftest import make_tokenizer, tiny_bert_config
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    teacher, _ = fft_run
+    args = ["--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2"]
+    metrics = _train(tmp_path / "run", tiny_glue, *args, "--attention-weight", "2")
+    assert metrics["attention_layer"] == 4 and metrics["attention_heads"] == 2  # the teacher's last layer and heads
+    relation = metrics["train_loss_attention"]
+    assert len(relation) == len(metrics["train_loss"]) and all(r > 0 for r in relation)
+    parts = zip(metrics["train_loss"], metrics["train_loss_task"], metrics["train_loss_kd"], relation, strict=True)
+    assert all(abs(t - (0.5 * a + 0.5 * k + 2 * r)) < 1e-4 for t, a, k, r in parts)
+    assert "train_loss_hidden" not in metrics
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k or "classifier" in k or "pooler" in k for k in adapter)
+    card = (tmp_path / "run" / "merged" / "README.md").read_text()
+    assert "self-attention relations matched to the teacher's layer 4 (2 relation heads, weight 2.0)" in card
+
+    both = _train(tmp_path / "both", tiny_glue, *args, "--attention-weight", "1", "--attention-layer", "2",
+                  "--hidden-weight", "1")  # fmt: skip
+    assert both["attention_layer"] == 2 and both["hidden_layers"] == [2, 4]
+    assert len(both["train_loss_attention"]) == len(both["train_loss_hidden"]) == len(both["train_loss"])
+
+    narrow = tmp_path / "narrow"  # width 16, 2 heads: relations are S x S, so no projection is needed
+    BertModel(tiny_bert_config(hidden_size=16, intermediate_size=32, num_hidden_layers=2)).save_pretrained(narrow)
+    make_tokenizer(narrow).save_pretrained(narrow)
+    student = ["--method", "kd-lora", "--teacher", str(teacher), "--model", str(narrow), "--attention-weight", "1"]
+    bridged = _train(tmp_path / "narrow-run", tiny_glue, *student)
+    assert bridged["attention_heads"] == 2 and "hidden_projection_params" not in bridged
+
+    for extra, message in (
+        (["--attention-layer", "9"], "the teacher has layers 1 to 4"),
+        (["--attention-heads", "3"], "--attention-heads 3 must divide every query, key and value width"),
+    ):
+        out = tmp_path / "bad"
+        assert main(train_argv(tiny_glue, out, "--quiet", *args, "--attention-weight", "1", *extra)) == 2
+        assert message in capsys.readouterr().err and not out.exists()
+    lora = train_argv(tiny_glue, tmp_path / "l", "--model", "m", "--attention-weight", "1")
+    assert main(lora) == 2 and "lora has none" in capsys.readouterr().err
 
 
 def test_pissa_initialisation_trains_end_to_end(tmp_path, tiny_bert_dir, tiny_glue):

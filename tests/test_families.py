@@ -171,8 +171,12 @@ def test_a_pair_whose_tokenizers_differ(tmp_path, checkpoints, pair_data):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decoder_only_teacher_and_student_from_its_layers(tmp_path, checkpoints, pair_data, family):
-    """A decoder classifier without a pad token: its eos pads, `score` trains, the student keeps `model.layers` 0, 2."""
-    out = distil(tmp_path, checkpoints, pair_data, family, "--student-layers", "0,2", "--student-init", "teacher")
+    """A decoder classifier without a pad token: its eos pads, `score` trains, the student keeps `model.layers` 0, 2.
+    Attention relations work with grouped-query attention (keys and values narrower than queries)."""
+    out = distil(tmp_path, checkpoints, pair_data, family, "--student-layers", "0,2", "--attention-weight", "1")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["attention_layer"] == 4 and metrics["attention_heads"] == 2
+    assert metrics["train_loss_attention"][0] > 0
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     every_linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert set(adapter["target_modules"]) == every_linear and "score" in adapter["modules_to_save"]
@@ -183,3 +187,14 @@ def test_decoder_only_teacher_and_student_from_its_layers(tmp_path, checkpoints,
     assert config["num_hidden_layers"] == 2 and config["pad_token_id"] == tokenizer.eos_token_id is not None
     assert len(config.get("layer_types") or [0, 0]) == 2
     assert answers(out) in ("neg", "pos")
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "deberta", "llama", "qwen2"])
+def test_attention_projections_of_each_family(checkpoints, family):
+    """--attention-weight reads each family's query, key and value projections (GQA: keys/values narrower)."""
+    from kdlora.models import attention_projections, build_model
+    from kdlora.tasks import get_task
+
+    model, _ = build_model(str(checkpoints[family]), get_task("mrpc"), "fft", weights=False)
+    widths = [m.out_features for m in attention_projections(model, -1)]
+    assert widths == ([32, 16, 16] if family in ("llama", "qwen2") else [32, 32, 32])

@@ -126,3 +126,49 @@ def test_hidden_state_loss_against_a_reference_over_real_tokens():
     parts = objective(logits, y, teacher, hidden=h, hidden_weight=0.25)
     base = objective(logits, y, teacher)
     assert torch.allclose(parts.total, base.total + 0.25 * h) and torch.equal(parts.hidden, h)
+
+
+def test_attention_relation_loss_against_a_reference_over_real_tokens():
+    from kdlora.losses import attention_relation_loss, objective
+
+    g = torch.Generator().manual_seed(3)
+    heads = 2
+    s = [torch.randn(2, 4, 6, generator=g) for _ in range(3)]  # student width 6 (3 per head)
+    t = [torch.randn(2, 4, 10, generator=g) for _ in range(3)]  # teacher width 10: relations bridge widths
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+
+    def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # Row by row over the real tokens only: KL(teacher ‖ student) of softmax(x x^T / sqrt(d)) per head.
+        rows = []
+        for i in range(a.shape[0]):
+            n = int(mask[i].sum())
+            for r in range(heads):
+                xs = a[i, :n].reshape(n, heads, -1)[:, r]
+                xt = b[i, :n].reshape(n, heads, -1)[:, r]
+                ls = F.log_softmax(xs @ xs.T / xs.shape[-1] ** 0.5, dim=-1)
+                lt = F.log_softmax(xt @ xt.T / xt.shape[-1] ** 0.5, dim=-1)
+                rows.append(F.kl_div(ls, lt, log_target=True, reduction="none").sum(-1))  # [n] per head
+        per_token = {}
+        for k, row in enumerate(rows):  # mean over heads, then over every real token of the batch
+            per_token.setdefault(k // heads, []).append(row)
+        tokens = torch.cat([torch.stack(v).mean(0) for v in per_token.values()])
+        return tokens.mean()
+
+    expected = sum(reference(a, b) for a, b in zip(s, t, strict=True)) / 3
+    assert torch.allclose(attention_relation_loss(s, t, mask, heads), expected, atol=1e-6)
+    # Padded tokens change nothing, and a student with the teacher's relations scores 0.
+    moved = [a.clone() for a in s]
+    moved[0][~mask.bool()] += 100.0
+    assert torch.allclose(attention_relation_loss(moved, t, mask, heads), attention_relation_loss(s, t, mask, heads))
+    assert attention_relation_loss(t, t, mask, heads).abs().item() < 1e-6
+    assert torch.isfinite(attention_relation_loss(s, t, mask, heads))
+    # Gradients are finite through padded positions (no -inf - -inf on the way back).
+    grad_in = s[0].clone().requires_grad_(True)
+    attention_relation_loss([grad_in, *s[1:]], t, mask, heads).backward()
+    assert torch.isfinite(grad_in.grad).all() and grad_in.grad[~mask.bool()].abs().sum() == 0
+    # In the objective it is added with its weight and reported apart.
+    logits, teacher, y = torch.randn(2, 2, generator=g), torch.randn(2, 2, generator=g), torch.tensor([0, 1])
+    a = attention_relation_loss(s, t, mask, heads)
+    parts = objective(logits, y, teacher, attention=a, attention_weight=2.0)
+    assert torch.allclose(parts.total, objective(logits, y, teacher).total + 2.0 * a)
+    assert torch.equal(parts.attention, a) and parts.hidden.item() == 0.0

@@ -38,7 +38,7 @@ def test_a_non_finite_loss_never_reaches_the_weights_and_needs_no_host_sync(tiny
     model, step = _step(tiny_bert_dir)
     assert step.fused
     parts = step(_batch(0.5))
-    assert parts.shape == (4,) and torch.isfinite(parts).all() and not step.bad.item()
+    assert parts.shape == (5,) and torch.isfinite(parts).all() and not step.bad.item()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert torch.isnan(step(_batch(float("nan")))[0])
     step(_batch(0.5))  # the flag stays set: nothing moves until the loop has read it and stopped
@@ -66,3 +66,45 @@ def test_groups_restored_from_a_checkpoint_of_a_plain_adamw_are_checked_on_the_h
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     step(_batch(float("nan")))
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_attention_relations_read_the_adapted_projections():
+    """The hooks read the LoRA-adapted query/key/value outputs (base plus B·A) of the student's last layer and the
+    teacher's chosen layer, and the term's gradient reaches the adapters of that layer and of the layers below it."""
+    import contextlib
+
+    from conftest import tiny_bert_config
+    from peft.tuners.lora import LoraLayer
+    from transformers import BertForSequenceClassification
+
+    from kdlora.losses import attention_relation_loss
+    from kdlora.models import add_lora, attention_projections
+    from kdlora.train import AttentionPlan, FeatureKD
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny_bert_config()).eval()
+    student = add_lora(BertForSequenceClassification(tiny_bert_config(num_hidden_layers=2)), LoraArgs(r=4))
+    for name, p in student.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # peft starts B at 0: let the adapters change the projections
+    watched = attention_projections(student, -1)
+    assert all(isinstance(m, LoraLayer) for m in watched)  # the adapted module, not its base layer
+    features = FeatureKD(teacher, KDArgs(attention_weight=1), None, None, AttentionPlan(layer=3, heads=2), student)
+    inputs = {"input_ids": torch.randint(5, 30, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    inputs["attention_mask"][1, 5:] = 0
+    student(**inputs)
+    accelerator = type("Plain", (), {"autocast": staticmethod(contextlib.nullcontext)})()
+    _, relation = features.losses(Batch(inputs, torch.arange(3), None, None), None, accelerator)
+
+    qkv = list(features.student_qkv.outputs)
+    expected = attention_relation_loss(qkv, features.teacher_qkv.outputs, inputs["attention_mask"], 2)
+    assert torch.allclose(relation, expected) and relation > 0
+    relation.backward()
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        assert not torch.allclose(watched[0](x), watched[0].base_layer(x))  # B·A moves the query
+    grads = {n: p.grad for n, p in student.named_parameters() if "lora_A" in n}
+    last_qkv = [n for n in grads if "layer.1.attention.self." in n]
+    below = [n for n in grads if "layer.0." in n]
+    assert len(last_qkv) == 3 and below and all(grads[n].abs().sum() > 0 for n in last_qkv + below)
+    assert all(grads[n] is None for n in grads if n not in last_qkv + below)  # after q/k/v: nothing to learn here

@@ -44,6 +44,11 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
             f", and its layers' outputs matched to the teacher's layers {','.join(map(str, metrics['hidden_layers']))}"
             f" ({kd.hidden_loss}, weight {kd.hidden_weight})"
         )
+    if method in DISTILLED and metrics.get("attention_layer"):
+        how += (
+            f", and its last layer's self-attention relations matched to the teacher's layer "
+            f"{metrics['attention_layer']} ({metrics['attention_heads']} relation heads, weight {kd.attention_weight})"
+        )
     data = cfg.data
     where = (
         f"files {data.train_file} (train) and {data.validation_file} (validation)"
@@ -74,7 +79,9 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         + (
             f" and a transfer set of {metrics['num_transfer_examples']} teacher-labelled rows"
             + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
-            + (f" ({cfg.kd.augment} variants of each training example)" if cfg.kd.augment else "")
+            + (f" ({cfg.kd.augment} variants of each training example" if cfg.kd.augment else "")
+            + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")
+            + (")" if cfg.kd.augment else "")
             if metrics.get("num_transfer_examples")
             else ""
         )

