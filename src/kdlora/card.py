@@ -79,9 +79,13 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         + (
             f" and a transfer set of {metrics['num_transfer_examples']} teacher-labelled rows"
             + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
-            + (f" ({cfg.kd.augment} variants of each training example" if cfg.kd.augment else "")
-            + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")
-            + (")" if cfg.kd.augment else "")
+            + (
+                f" ({cfg.kd.augment} variants of each training example"
+                + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")
+                + ")"
+                if cfg.kd.augment
+                else ""
+            )
             if metrics.get("num_transfer_examples")
             else ""
         )
