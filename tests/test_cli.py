@@ -43,7 +43,7 @@ def _check_common(out, metrics, method):
 def test_fft(fft_run):
     out, metrics = fft_run
     _check_common(out, metrics, "fft")
-    assert metrics["trainable_params"] == metrics["total_params"]
+    assert metrics["trainable_params"] == metrics["total_params"] and "lora_target_modules" not in metrics
     assert not (out / "adapter").exists()
 
 
@@ -52,6 +52,7 @@ def test_lora(tmp_path, tiny_bert_dir, tiny_glue):
     _check_common(tmp_path, metrics, "lora")
     # every linear layer but the head: 4 layers x r 4 x (q, k, v, attention output: 32+32; intermediate, output: 32+37)
     assert metrics["lora_params"] == 4 * 4 * (4 * 64 + 2 * 69)
+    assert metrics["lora_target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
     assert metrics["trainable_params"] < metrics["total_params"]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())

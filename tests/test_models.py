@@ -10,6 +10,7 @@ from kdlora.models import (
     deployed_parameters,
     head_modules,
     keep_layers,
+    lora_targets,
     merge,
     resolve_target_modules,
 )
@@ -133,6 +134,14 @@ def test_all_linear_adapts_every_linear_layer_but_the_head(kind):
             "output.dense",
             "intermediate.dense",
         ]
+
+
+def test_lora_targets_are_spelled_out_whatever_the_config_said():
+    spelled = lora_targets(add_lora(_tiny("bert"), LoraArgs(target_modules=["all-linear"])))
+    listed = ["value", "intermediate.dense", "query", "output.dense", "key"]
+    assert spelled == lora_targets(add_lora(_tiny("bert"), LoraArgs(target_modules=listed))) == sorted(listed)
+    assert lora_targets(add_lora(_tiny("bert"), LoraArgs(target_modules=None))) == ["query", "value"]
+    assert lora_targets(_tiny("bert")) is None
 
 
 def test_parameter_counts_follow_the_lora_formula():

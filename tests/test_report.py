@@ -13,7 +13,7 @@ from conftest import tiny_bert_config
 
 from kdlora.cli import main
 from kdlora.config import build_config
-from kdlora.report import Run, config_key, median_top_k, rank_counts
+from kdlora.report import Run, config_key, find_runs, median_top_k, rank_counts
 
 LAYERS = 4  # tiny_bert_config's layers; the kd-lora fixture student keeps 2
 
@@ -211,6 +211,21 @@ def test_config_key_ignores_seed_and_paths_but_not_hyperparameters(tmp_path):
     c = fake_run(tmp_path / "c", "cola", "kd-lora", 1, 1.0, lr=1e-3)
     keys = [config_key(yaml.safe_load((d / "config.yaml").read_text())) for d in (a, b, c)]
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_runs_that_adapted_the_same_modules_are_seeds_of_one_config(tmp_path):
+    # all-linear in one config, the same modules by name in another: the targets the runs recorded decide
+    spelled = ["intermediate.dense", "key", "output.dense", "query", "value"]
+    written = [["all-linear"], list(reversed(spelled)), ["query", "value"]]
+    adapted = [spelled, spelled, ["query", "value"]]
+    for seed, (targets, recorded) in enumerate(zip(written, adapted, strict=True), start=1):
+        run = fake_run(tmp_path, "cola", "lora", seed, 1.0, lora_target_modules=recorded)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["lora"]["target_modules"] = targets
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    keys = [r.key for r in sorted(find_runs(tmp_path)[0], key=lambda r: r.seed)]
+    assert keys[0] == keys[1] != keys[2]
+    assert config_key(yaml.safe_load((tmp_path / "cola/seed-1/lora/config.yaml").read_text())) != keys[0]
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):

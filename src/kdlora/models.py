@@ -304,6 +304,13 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {"trainable_params": trainable, "lora_params": lora}
 
 
+def lora_targets(model: nn.Module) -> list[str] | None:
+    """The target modules a peft model's LoRA adapts, sorted (None without LoRA): all-linear and the architecture's
+    default spelled out, so that runs trained alike compare alike whatever the config said."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return sorted(config.target_modules) if config is not None else None
+
+
 def deployed_parameters(model: nn.Module) -> int:
     """Parameters of the model as deployed: LoRA merged, peft's frozen copies of the head not counted."""
     if not hasattr(model, "merge_and_unload"):

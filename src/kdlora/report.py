@@ -51,12 +51,15 @@ class Run:
         return sum(f.stat().st_size for f in files) / 2**20 if files else None
 
 
-def config_key(config: dict[str, Any]) -> str:
+def config_key(config: dict[str, Any], metrics: dict[str, Any] | None = None) -> str:
     """Runs with the same key are seeds of one config: the config as compared between runs (rundir.result_config),
-    less the seed and the teacher's run directory (a KD-LoRA run of seed s distils from the FFT run of seed s)."""
+    less the seed and the teacher's run directory (a KD-LoRA run of seed s distils from the FFT run of seed s), with
+    the LoRA targets the run recorded in `metrics` (so all-linear and the same modules listed by name agree)."""
     cfg = result_config(config)
     cfg.get("train", {}).pop("seed", None)
     cfg.get("model", {}).pop("teacher", None)
+    if (metrics or {}).get("lora_target_modules") and "lora" in cfg:
+        cfg["lora"]["target_modules"] = metrics["lora_target_modules"]
     return json.dumps(cfg, sort_keys=True, default=str)
 
 
@@ -103,7 +106,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
                 score=float(metrics["score"]),
                 metrics=metrics,
                 config=config,
-                key=config_key(config),
+                key=config_key(config, metrics),
             )
         )
     return finished, unfinished

@@ -39,6 +39,7 @@ from kdlora.models import (
     load_classifier,
     load_masked_lm,
     load_tokenizer,
+    lora_targets,
     resolve_model_path,
 )
 from kdlora.tasks import Task
@@ -546,7 +547,9 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
     splits["train"] = distil_examples(cfg, task, teacher_run, splits["train"])
     logits, teacher_record = distil_targets(cfg, task, teacher_run, splits["train"], accelerator, quiet)
     model, tokenizer, source, layers = build_trained_model(cfg, task, teacher_run, out, main)
-    params = {**count_parameters(model), "total_params": deployed_parameters(model)}
+    params: dict[str, Any] = {**count_parameters(model), "total_params": deployed_parameters(model)}
+    if cfg.train.method in LORA_METHODS:  # what LoRA adapts, spelled out: reports group runs by it
+        params["lora_target_modules"] = lora_targets(model)
     loaders = build_loaders(
         splits, tokenizer, task, cfg.data.max_length, tc.batch_size, tc.eval_batch_size, tc.seed,
         logits.rows_for if logits is not None else None,
@@ -667,7 +670,7 @@ def run_record(
     cfg: RunConfig,
     task: Task,
     progress: Progress,
-    params: dict[str, int],
+    params: dict[str, Any],
     train_seconds: float,
     memory: tuple[float, str],
     accelerator: Any,
