@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from kdlora.bench import BenchArgs, measure_in_child
 from kdlora.cli import main
 
@@ -46,8 +48,12 @@ def test_bench_on_a_tiny_pair_writes_every_field(tmp_path, tiny_bert_dir, tiny_g
     assert "| kd-lora | 2 |" in (out / "bench.md").read_text()
 
 
-def test_child_process_memory_is_positive(tiny_bert_dir):
-    args = BenchArgs(teacher=str(tiny_bert_dir), student_layers=[0], batch_size=2, seq_len=8, train_steps=1)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_child_process_memory_is_positive(tiny_bert_dir, checkpointing):
+    args = BenchArgs(
+        teacher=str(tiny_bert_dir), student_layers=[0], batch_size=2, seq_len=8, train_steps=1,
+        gradient_checkpointing=checkpointing,
+    )  # fmt: skip
     assert measure_in_child(args, "kd-lora", 2)["peak_mb"] > 0
 
 

@@ -365,8 +365,8 @@ def test_kd_lora_with_hidden_state_distillation(tmp_path, fft_run, tiny_bert_dir
 
 def test_kd_lora_with_attention_relation_distillation(tmp_path, fft_run, tiny_glue, capsys):
     """--attention-weight: the student's last layer learns the query/key/value relations of a teacher layer (MiniLMv2),
-    logged apart, with or without the hidden-state term; a narrower student needs no projection; a layer or head
-    count that cannot work fails before training, in one line."""
+    logged apart, with or without the hidden-state term (and the same with gradient checkpointing); a narrower
+    student needs no projection; a layer or head count that cannot work fails before training, in one line."""
     from conftest import make_tokenizer, tiny_bert_config
     from safetensors.torch import load_file
     from transformers import BertModel
@@ -389,6 +389,11 @@ def test_kd_lora_with_attention_relation_distillation(tmp_path, fft_run, tiny_gl
                   "--hidden-weight", "1")  # fmt: skip
     assert both["attention_layer"] == 2 and both["hidden_layers"] == [2, 4]
     assert len(both["train_loss_attention"]) == len(both["train_loss_hidden"]) == len(both["train_loss"])
+    # recomputing each layer in the backward pass (hooks fire twice, dropout redrawn alike) trains the same run
+    recomputed = _train(tmp_path / "recomputed", tiny_glue, *args, "--attention-weight", "1", "--attention-layer", "2",
+                        "--hidden-weight", "1", "--gradient-checkpointing")  # fmt: skip
+    for key in ("train_loss", "train_loss_attention", "train_loss_hidden"):
+        assert recomputed[key] == pytest.approx(both[key], rel=1e-4, abs=1e-6), key
 
     narrow = tmp_path / "narrow"  # width 16, 2 heads: relations are S x S, so no projection is needed
     BertModel(tiny_bert_config(hidden_size=16, intermediate_size=32, num_hidden_layers=2)).save_pretrained(narrow)

@@ -8,6 +8,7 @@ from kdlora.models import (
     add_lora,
     count_parameters,
     deployed_parameters,
+    enable_gradient_checkpointing,
     head_modules,
     keep_layers,
     lora_targets,
@@ -227,3 +228,42 @@ def test_peft_lora_variants_start_at_the_base_model_and_merge_exactly(variant):
     assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(merged, moved, atol=1e-5)
     dora = 4 * 2 * 32 if variant.get("use_dora") else 0  # one magnitude per output feature of query and value
     assert counts["lora_params"] == 4 * 2 * 4 * 64 + dora
+
+
+def _tiny_mpnet():
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    config = MPNetConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=70, num_labels=2,
+    )  # fmt: skip
+    return MPNetForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("make", [lambda: _tiny("bert"), _tiny_mpnet], ids=["transformers", "own-wrapper"])
+def test_gradient_checkpointing_keeps_less_and_changes_nothing(make):
+    # BERT has transformers' checkpointing; MPNet has none there, so kdlora wraps its layers itself
+    ids = torch.randint(5, len(VOCAB), (4, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 1, 0])
+
+    def step(checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        model = add_lora(make(), LoraArgs(r=4, target_modules=["all-linear"]))
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        kept = []
+        torch.manual_seed(1)  # the same dropout masks, recomputed or not
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), grads, sum(kept)
+
+    loss, grads, kept = step(False)
+    loss_gc, grads_gc, kept_gc = step(True)
+    assert kept_gc < kept / 2  # each layer's insides are recomputed, not kept
+    assert torch.allclose(loss, loss_gc)
+    assert grads.keys() == grads_gc.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    for name, g in grads.items():
+        assert torch.allclose(g, grads_gc[name], atol=1e-6), name

@@ -29,7 +29,7 @@ from kdlora.config import DataArgs, LoraArgs, build_section
 from kdlora.data import load_task
 from kdlora.env import default_device, peak_memory, peak_rss_mb, reset_peak_memory
 from kdlora.errors import KdloraError
-from kdlora.models import build_model, count_parameters, deployed_parameters, merge
+from kdlora.models import build_model, count_parameters, deployed_parameters, enable_gradient_checkpointing, merge
 from kdlora.tasks import Task
 
 BENCH_METHODS = ("fft", "lora", "kd-lora")  # the paper's Table 2
@@ -48,6 +48,7 @@ class BenchArgs:
     batch_size: int = 32  # training batch for the memory measurement
     seq_len: int = 128  # training sequence length for the memory measurement (every sequence full)
     train_steps: int = 3  # optimizer steps per memory measurement
+    gradient_checkpointing: bool = False  # the memory measurement with each layer's activations recomputed
     eval_batch_size: int = 64  # inference batch
     runs: int = 100  # timed passes over the validation set per arm (the paper's 100)
     warmup: int = 2  # untimed passes first
@@ -131,6 +132,8 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
     task, tc = load_task(bench_data(args)), TrainArgs(method=method)
     accelerator = build_accelerator(tc)
     model, _ = build(args, method, rank, task)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, args.train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -323,7 +326,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Peak training memory, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, rank "
-            f"{cfg['ranks'][0]}, {mem['fft']['kind']} of a fresh process per method:",
+            f"{cfg['ranks'][0]}{', gradient checkpointing' if cfg.get('gradient_checkpointing') else ''}, "
+            f"{mem['fft']['kind']} of a fresh process per method:",
             "",
             "| method | peak MB |",
             "|---|---:|",

@@ -198,6 +198,9 @@ def _add_protocol_parsers(sub: Any) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32, help="training batch for the memory measurement")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length for the memory measurement")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="measure memory with each layer's activations recomputed"
+    )
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--runs", type=int, default=100, help="timed passes over the validation set (default 100)")
     p.add_argument("--warmup", type=int, default=2)
@@ -425,6 +428,7 @@ def _bench(args: argparse.Namespace) -> int:
         target_modules=None if args.target_modules.lower() == "none" else args.target_modules.split(","),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        gradient_checkpointing=args.gradient_checkpointing,
         eval_batch_size=args.eval_batch_size,
         runs=args.runs,
         warmup=args.warmup,

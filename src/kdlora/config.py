@@ -299,6 +299,11 @@ class TrainArgs:
     mixed_precision: Literal["no", "bf16", "fp16"] = arg(
         "no", "no | bf16 | fp16 autocast (bf16 on CUDA is the fast path)"
     )
+    gradient_checkpointing: bool = arg(
+        False,
+        "recompute each layer's activations in the backward pass: less memory, about a third more time",
+        results=False,
+    )
     overwrite: bool = arg(False, "replace a finished run in --output-dir", results=False)
     resume: bool = arg(
         False, "insist on resuming the unfinished run in --output-dir (the same command resumes anyway)", results=False

@@ -194,12 +194,15 @@ def check_model(
     layers: list[int] | None,
     max_length: int,
     trust_remote_code: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> None:
     """Build `name` as `method` would, on the meta device (no weights read), and load its tokenizer: a bad checkpoint,
     LoRA target, student layer or tokenizer fails in seconds. Says so when --max-length is longer than the model."""
     from kdlora.env import say
 
     model, _ = build_model(name, task, method, lora, layers=layers, trust_remote_code=trust_remote_code, weights=False)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     tokenizer = prepare_tokenizer(load_tokenizer(resolve_model_path(name), trust_remote_code), model.config, name)
     if max_length > tokenizer.model_max_length:
         say(
@@ -326,6 +329,37 @@ def deployed_parameters(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Students made from a teacher's layers
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Keep only each layer's input in training and recompute the rest in the backward pass: transformers' own
+    checkpointing where the architecture has it, else each encoder layer's forward wrapped in torch's (MPNet).
+    Non-reentrant, so dropout draws the same masks again, LoRA-only gradients flow, and hooks see the outputs."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.supports_gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    try:
+        layers = _encoder_layers(base)[1]
+    except KdloraError:
+        raise KdloraError(
+            f"--gradient-checkpointing: transformers has none for '{base.config.model_type}' and its layers are not "
+            "found"
+        ) from None
+    for layer in layers:
+        layer.forward = _checkpointed(layer, layer.forward)
+
+
+def _checkpointed(layer: nn.Module, forward: Any) -> Any:
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if layer.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
 
 
 def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

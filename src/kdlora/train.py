@@ -36,6 +36,7 @@ from kdlora.models import (
     check_model,
     count_parameters,
     deployed_parameters,
+    enable_gradient_checkpointing,
     load_classifier,
     load_masked_lm,
     load_tokenizer,
@@ -92,7 +93,10 @@ def preflight(cfg: RunConfig) -> Task:
         source = m.name or (m.teacher_model or (rundir.read_config(m.teacher) or {}).get("model", {}).get("name"))
         models.append((source, cfg.train.method, m.student_layers))
     for name, method, layers in models:
-        check_model(name, task, method, cfg.lora, layers, cfg.data.max_length, m.trust_remote_code)
+        check_model(
+            name, task, method, cfg.lora, layers, cfg.data.max_length, m.trust_remote_code,
+            cfg.train.gradient_checkpointing,
+        )  # fmt: skip
     if cfg.kd.hidden_weight:
         hidden_layer_map(cfg, task)
     if cfg.kd.attention_weight:
@@ -513,6 +517,8 @@ def build_trained_model(
         model.name_or_path = model.config._name_or_path = str(base)
     if cfg.train.method in LORA_METHODS:
         model = add_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model, tokenizer, source, layers
 
 
