@@ -74,6 +74,18 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_bert_dir, glue,
     assert not (out / "checkpoint").exists()
 
 
+def test_a_kd_lora_run_killed_while_its_teacher_trains_resumes_the_teacher(tmp_path, tiny_bert_dir, glue):
+    out = tmp_path / "run"
+    distil = ["--method", "kd-lora", "--teacher-model", str(tiny_bert_dir), "--save-steps", "4"]
+    cmd = _cmd(glue, tiny_bert_dir, out, *distil)
+    killed_at = _run_and_kill(cmd, out / "teacher", lambda p: p["batches_done"] >= 8)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["teacher"]  # the student had not begun
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {out / 'teacher'} at epoch {killed_at['epoch'] + 1}" in done.stdout
+    assert json.loads((out / "metrics.json").read_text())["status"] == "finished"
+
+
 def test_unfinished_run_with_other_config_or_nothing_to_resume(tmp_path, tiny_bert_dir, glue, capsys):
     out = tmp_path / "run"
     _run_and_kill(_cmd(glue, tiny_bert_dir, out, "--save-steps", "2"), out, lambda p: p["batches_done"] >= 2)

@@ -151,7 +151,9 @@ def check(cfg: RunConfig) -> bool:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise KdloraError(f"--output-dir {out} is a file, not a directory")
-    if out.exists() and any(p.name != LOCK for p in out.iterdir()) and not cfg.train.overwrite:
+    # A distilled run killed while its --teacher-model trained holds only teacher/: its own, to resume
+    own = {LOCK, TEACHER} if cfg.train.method in DISTILLED else {LOCK}
+    if out.exists() and any(p.name not in own for p in out.iterdir()) and not cfg.train.overwrite:
         if read_run(out) is not None:
             raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
         if not is_run(out):
