@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from kdlora.config import DataArgs
 from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, load_splits
+from kdlora.env import say
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_text, give_default_mode
 from kdlora.metrics import combine_splits, compute_metrics
@@ -48,6 +49,12 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task,
     for split, loader in loaders.items():
         out = predict(model, loader, accelerator, task.is_regression)
         per_split[split] = compute_metrics(task, out["preds"].numpy(), out["labels"].numpy())
+        if len(out["preds"]) > 1 and bool((out["preds"] == out["preds"][0]).all()):
+            # What a learning rate too high for the model looks like: the loss flat at the labels' entropy
+            say(
+                f"every {split} prediction is the same {'value' if task.is_regression else 'class'}: the model "
+                "has collapsed to a constant; a lower --lr usually avoids that"
+            )
     return combine_splits(task, per_split)
 
 

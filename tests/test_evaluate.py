@@ -1,0 +1,43 @@
+"""Evaluation over loaders: the metrics, and a plain warning when a model predicts one constant."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from kdlora.data import Batch
+from kdlora.evaluate import evaluate
+from kdlora.tasks import get_task
+
+
+class Fixed(torch.nn.Module):
+    """A model whose logits are given per example id."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.table = logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.table[input_ids[:, 0]])
+
+
+def _loader(labels: list[float], regression: bool) -> list[Batch]:
+    ids = torch.arange(len(labels))
+    y = torch.tensor(labels, dtype=torch.float if regression else torch.long)
+    return [Batch({"input_ids": ids[:, None], "attention_mask": torch.ones(len(ids), 1)}, ids, y, None)]
+
+
+@pytest.mark.parametrize("task_name", ["cola", "stsb"])
+def test_a_model_that_predicts_one_constant_is_named_so(task_name, capsys):
+    task = get_task(task_name)
+    labels = [0.0, 1.0, 1.0, 0.0] if not task.is_regression else [4.0, 0.5, 1.0, 2.5]
+    width = 1 if task.is_regression else 2
+    constant = Fixed(torch.tensor([[0.2, 0.9][:width]] * 4))
+    varied = Fixed(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])[:, :width])
+    result = evaluate(constant, {"validation": _loader(labels, task.is_regression)}, task, Accelerator(cpu=True))
+    assert result["score"] == 0.0
+    kind = "value" if task.is_regression else "class"
+    assert f"every validation prediction is the same {kind}" in capsys.readouterr().out
+    result = evaluate(varied, {"validation": _loader(labels, task.is_regression)}, task, Accelerator(cpu=True))
+    assert result["score"] > 0 and "prediction is the same" not in capsys.readouterr().out
