@@ -327,10 +327,6 @@ def deployed_parameters(model: nn.Module) -> int:
     return total
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Students made from a teacher's layers
-
-
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Keep only each layer's input in training and recompute the rest in the backward pass: transformers' own
     checkpointing where the architecture has it, else each encoder layer's forward wrapped in torch's (MPNet).
@@ -360,6 +356,10 @@ def _checkpointed(layer: nn.Module, forward: Any) -> Any:
         return forward(*args, **kwargs)
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Students made from a teacher's layers
 
 
 def _encoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
