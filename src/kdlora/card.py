@@ -16,7 +16,7 @@ from kdlora.tasks import Task
 
 def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str, layers: list[int] | None) -> str:
     """The card of one finished run: `source` is the checkpoint the model starts from, `layers` those kept of it."""
-    method, lora, kd, m = cfg.train.method, cfg.lora, cfg.kd, cfg.model
+    method, m = cfg.train.method, cfg.model
     # The named checkpoint it comes from: a student cut from a fine-tuned teacher comes from the teacher's checkpoint.
     origin = m.name or m.teacher_model or source
     meta = {
@@ -28,34 +28,7 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "datasets": ["nyu-mll/glue"] if not task.custom else [],
         "metrics": [k for k in metrics.get("epochs", [{}])[0] if k not in ("epoch", "score")],
     }
-    student = f"encoder layers {','.join(map(str, layers))} of {origin}" if layers else origin
-    how = {
-        "fft": f"every parameter of {source} fine-tuned",
-        "lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {source}, with its head",
-        "kd-lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {student}, with its head, distilled from the "
-        f"fine-tuned teacher {metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with "
-        f"alpha={kd.alpha} on the task loss and temperature {kd.temperature}",
-        "kd-fft": f"every parameter of {student} fine-tuned, distilled from the fine-tuned teacher "
-        f"{metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with alpha={kd.alpha} on the task "
-        f"loss and temperature {kd.temperature}",
-    }[method]
-    if method in DISTILLED and metrics.get("hidden_layers"):
-        how += (
-            f", and its layers' outputs matched to the teacher's layers {','.join(map(str, metrics['hidden_layers']))}"
-            f" ({kd.hidden_loss}, weight {kd.hidden_weight})"
-        )
-    if method in DISTILLED and metrics.get("attention_layer"):
-        how += (
-            f", and its last layer's self-attention relations matched to the teacher's layer "
-            f"{metrics['attention_layer']} ({metrics['attention_heads']} relation heads, weight {kd.attention_weight})"
-        )
-    data = cfg.data
-    where = (
-        f"files {data.train_file} (train) and {data.validation_file} (validation)"
-        if data.train_file
-        else (f"dataset {data.dataset}" if task.custom else f"GLUE {task.name} ({data.data_dir or data.dataset})")
-    )
-    labels = ", ".join(task.label_names) if not task.is_regression else f"a real value ({task.tsv_label})"
+    how = _how(cfg, metrics, origin, source, layers)
     scores = {k: v for k, v in metrics.items() if k in meta["metrics"] or k == "score"}
     command = shlex.join(["kdlora", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("kdlora", "__main__.py") else None
     lines = [
@@ -74,23 +47,7 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "",
         "## Data",
         "",
-        f"- {where}; text column(s) {', '.join(task.text_columns)}; labels: {labels}",
-        f"- {metrics.get('num_train_examples')} training examples"
-        + (
-            f" and a transfer set of {metrics['num_transfer_examples']} teacher-labelled rows"
-            + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
-            + (
-                f" ({cfg.kd.augment} variants of each training example"
-                + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")
-                + ")"
-                if cfg.kd.augment
-                else ""
-            )
-            if metrics.get("num_transfer_examples")
-            else ""
-        )
-        + ", fingerprint sha256 "
-        f"{metrics.get('data_fingerprint', '')[:16]}; max length {data.max_length} tokens",
+        *_data_lines(cfg, task, metrics),
         "",
         f"## Scores (validation, epoch {metrics.get('best_epoch')} of {cfg.train.epochs})",
         "",
@@ -117,6 +74,63 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "",
     ]
     return "\n".join(lines)
+
+
+def _how(cfg: RunConfig, metrics: dict[str, Any], origin: str, source: str, layers: list[int] | None) -> str:
+    """How the model was made: the method on its starting point, and the distillation terms it used."""
+    method, lora, kd = cfg.train.method, cfg.lora, cfg.kd
+    student = f"encoder layers {','.join(map(str, layers))} of {origin}" if layers else origin
+    how = {
+        "fft": f"every parameter of {source} fine-tuned",
+        "lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {source}, with its head",
+        "kd-lora": f"LoRA (r={lora.r}, alpha={lora.lora_alpha}) on {student}, with its head, distilled from the "
+        f"fine-tuned teacher {metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with "
+        f"alpha={kd.alpha} on the task loss and temperature {kd.temperature}",
+        "kd-fft": f"every parameter of {student} fine-tuned, distilled from the fine-tuned teacher "
+        f"{metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with alpha={kd.alpha} on the task "
+        f"loss and temperature {kd.temperature}",
+    }[method]
+    if method in DISTILLED and metrics.get("hidden_layers"):
+        how += (
+            f", and its layers' outputs matched to the teacher's layers {','.join(map(str, metrics['hidden_layers']))}"
+            f" ({kd.hidden_loss}, weight {kd.hidden_weight})"
+        )
+    if method in DISTILLED and metrics.get("attention_layer"):
+        how += (
+            f", and its last layer's self-attention relations matched to the teacher's layer "
+            f"{metrics['attention_layer']} ({metrics['attention_heads']} relation heads, weight {kd.attention_weight})"
+        )
+    return how
+
+
+def _data_lines(cfg: RunConfig, task: Task, metrics: dict[str, Any]) -> list[str]:
+    """The card's data section: where the data came from, its columns and labels, the examples and transfer set."""
+    data = cfg.data
+    where = (
+        f"files {data.train_file} (train) and {data.validation_file} (validation)"
+        if data.train_file
+        else (f"dataset {data.dataset}" if task.custom else f"GLUE {task.name} ({data.data_dir or data.dataset})")
+    )
+    labels = ", ".join(task.label_names) if not task.is_regression else f"a real value ({task.tsv_label})"
+    return [
+        f"- {where}; text column(s) {', '.join(task.text_columns)}; labels: {labels}",
+        f"- {metrics.get('num_train_examples')} training examples"
+        + (
+            f" and a transfer set of {metrics['num_transfer_examples']} teacher-labelled rows"
+            + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
+            + (
+                f" ({cfg.kd.augment} variants of each training example"
+                + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")
+                + ")"
+                if cfg.kd.augment
+                else ""
+            )
+            if metrics.get("num_transfer_examples")
+            else ""
+        )
+        + ", fingerprint sha256 "
+        f"{metrics.get('data_fingerprint', '')[:16]}; max length {data.max_length} tokens",
+    ]
 
 
 def _num(value: Any) -> str:
