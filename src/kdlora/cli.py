@@ -237,6 +237,12 @@ def _add_protocol_parsers(sub: Any) -> None:
 
     for flag in COMPARE_COMMON_FLAGS + OWN_DATA_FLAGS:
         p.add_argument(flag, help=f"{flags()[flag].help} (every arm)")
+    p.add_argument(
+        "--label-budget",
+        help="the label-scarce protocol: per budget keep N labelled training rows (a stratified draw per seed) and "
+        "add the arms student (alone) and kd-lora-unlabeled (the rest as unlabelled text), e.g. 500,1000,2000",
+    )
+    p.add_argument("--teacher-arm", default="fft", help="fft | lora | best: the arm the students distil from")
     p.add_argument("--inference-runs", type=int, default=10, help="timed passes over the validation set per arm")
     p.add_argument("--overwrite", action="store_true", help="retrain finished arms whose config changed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -444,7 +450,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from kdlora.compare import ARMS, CompareArgs, run_compare
+    from kdlora.compare import BUDGET_ARMS, CompareArgs, run_compare
     from kdlora.config import flags, read_yaml
 
     raw = read_yaml(args.config) if args.config else {}
@@ -456,10 +462,10 @@ def _compare(args: argparse.Namespace) -> int:
             raise KdloraError(f"{args.config}: '{where}' must map sections (model, data, lora, kd, train) to mappings")
         return {k: dict(v or {}) for k, v in value.items()}
 
-    common = {k: dict(v or {}) for k, v in raw.items() if k not in (*ARMS, "common")}
+    common = {k: dict(v or {}) for k, v in raw.items() if k not in (*BUDGET_ARMS, "common")}
     for section, items in sections(raw.get("common"), "common").items():
         common.setdefault(section, {}).update(items)
-    arms = {arm: sections(raw.get(arm), arm) for arm in ARMS}
+    arms = {arm: sections(raw.get(arm), arm) for arm in BUDGET_ARMS if raw.get(arm) is not None}
     if args.data_dir:
         common.setdefault("data", {})["data_dir"] = args.data_dir
     # Flags win over the YAML file, the arms' own sections included; --set wins over both.
@@ -473,13 +479,13 @@ def _compare(args: argparse.Namespace) -> int:
     for item in args.set:
         target, sep, value = item.partition("=")
         parts = target.split(".")
-        if not sep or len(parts) != 3 or parts[0] not in (*ARMS, "common"):
+        if not sep or len(parts) != 3 or parts[0] not in (*BUDGET_ARMS, "common"):
             raise KdloraError(
-                f"--set {item!r}: expected ARM.SECTION.KEY=VALUE with ARM one of common, {', '.join(ARMS)}"
+                f"--set {item!r}: expected ARM.SECTION.KEY=VALUE with ARM one of common, {', '.join(BUDGET_ARMS)}"
             )
         settings.append((parts[0], parts[1], parts[2], value))
     for arm, section, key, value in settings:
-        for layer in (common, *arms.values()) if arm == "common" else (arms[arm],):
+        for layer in (common, *arms.values()) if arm == "common" else (arms.setdefault(arm, {}),):
             layer.setdefault(section, {})[key] = value
     compare = CompareArgs(
         tasks=args.tasks.split(","),
@@ -491,6 +497,8 @@ def _compare(args: argparse.Namespace) -> int:
         common=common,
         arms=arms,
         preset=args.preset,
+        label_budgets=ints(args.label_budget, "--label-budget") if args.label_budget else None,
+        teacher_arm=args.teacher_arm,
         inference_runs=args.inference_runs,
         overwrite=args.overwrite,
         quiet=args.quiet,

@@ -5,6 +5,11 @@ For each task and seed, in OUTPUT/<task>/seed-<seed>/:
 - lora/     LoRA on the teacher's base model;
 - kd-lora/  KD-LoRA on the student (--student-model, or --student-layers of the teacher), distilled from fft/, whose
             logits it caches there.
+With --label-budget N,...: the label-scarce protocol, in OUTPUT/<task>/budget-<N>/seed-<seed>/. Each budget keeps N
+labelled training rows (a stratified draw seeded by the seed) and five arms train on them: fft/ and lora/ (the full-size
+models on the labels alone), student/ (the student alone: kd-lora with α = 1, the same schedule), kd-lora/ (distilled
+on the labelled rows) and kd-lora-unlabeled/ (distilled on them and on the rest of the training split, its labels
+dropped). With --teacher-arm best the student arms distil from whichever of fft/ and lora/ scored higher on dev.
 Each arm runs as `kdlora train` in a child process, so the peak memory it reports is its own. An arm already finished
 with the same config is reused, an unfinished one resumes. The merged models of the three arms are then timed on the
 validation set, interleaved, and the report of OUTPUT (report.md, CSVs, figures) is written.
@@ -30,6 +35,15 @@ from kdlora.rundir import merged_dir, read_inference, read_run, same_config, wri
 from kdlora.tasks import glue_name
 
 ARMS = ("fft", "lora", "kd-lora")  # the paper's three arms
+TEACHER_ARMS = ("fft", "lora")  # the arms a student can distil from
+# The label-scarce protocol's arms: the three, the student alone and KD with the unlabelled rest. The student arms are
+# kd-lora runs with the kd-lora arm's settings and these on top.
+STUDENT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
+    "student": {"kd": {"alpha": 1.0}},
+    "kd-lora": {},
+    "kd-lora-unlabeled": {"kd": {"unlabeled_rest": True}},
+}
+BUDGET_ARMS = (*TEACHER_ARMS, *STUDENT_ARMS)
 ERROR_FILE_ENV = "KDLORA_ERROR_FILE"  # a child `kdlora train` writes its one-line error here instead of stderr
 
 
@@ -44,6 +58,8 @@ class CompareArgs:
     common: dict[str, dict[str, Any]] = field(default_factory=dict)  # config sections for every arm
     arms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # per arm: config sections
     preset: str | None = None  # a named preset (kdlora.config.PRESETS) below the common settings
+    label_budgets: list[int] | None = None  # the label-scarce protocol: labelled training rows kept per budget
+    teacher_arm: str = "fft"  # fft | lora | best: the arm the student arms distil from (best: by its dev score)
     inference_runs: int = 10  # timed passes over the validation set per arm (after one warm-up pass)
     overwrite: bool = False  # replace finished arms whose config changed (same-config arms are always reused)
     quiet: bool = False
@@ -60,38 +76,68 @@ class CompareArgs:
             raise KdloraError("give the KD-LoRA student: --student-model NAME or --student-layers 0,2,4 (one of them)")
         if self.inference_runs < 0:
             raise KdloraError(f"--inference-runs must be >= 0, got {self.inference_runs}")
-        unknown = set(self.arms) - set(ARMS)
+        if self.teacher_arm not in (*TEACHER_ARMS, "best"):
+            raise KdloraError(f"--teacher-arm must be fft, lora or best, got {self.teacher_arm!r}")
+        if self.label_budgets is not None:
+            if not self.label_budgets or min(self.label_budgets) <= 0:
+                raise KdloraError("--label-budget takes positive counts of labelled rows, e.g. --label-budget 500,1000")
+            if len(set(self.label_budgets)) != len(self.label_budgets):
+                raise KdloraError("--label-budget must not repeat a count")
+        unknown = set(self.arms) - set(self.arm_names)
         if unknown:
-            raise KdloraError(f"unknown arm(s) {', '.join(sorted(unknown))} in the config: the arms are {ARMS}")
-        self.arms = {arm: self.arms.get(arm) or {} for arm in ARMS}
+            raise KdloraError(
+                f"unknown arm(s) {', '.join(sorted(unknown))} in the config: the arms are {', '.join(self.arm_names)}"
+            )
+        self.arms = {arm: self.arms.get(arm) or {} for arm in BUDGET_ARMS}
         for sections in (self.common, *self.arms.values()):
             if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
                 raise KdloraError("each arm's settings must map sections (model, data, lora, kd, train) to mappings")
         for task in self.tasks:  # build every arm's config now: a bad value fails before hours of training
-            for arm in ARMS:
-                arm_config(self, task, self.seeds[0], arm)
+            for budget in self.budgets:
+                for arm in self.arm_names:
+                    arm_config(self, task, self.seeds[0], arm, budget)
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return BUDGET_ARMS if self.label_budgets else ARMS
+
+    @property
+    def budgets(self) -> list[int | None]:
+        """The label budgets, or [None]: every labelled row."""
+        return list(self.label_budgets) if self.label_budgets else [None]
 
 
-def arm_dir(args: CompareArgs, task: str, seed: int, arm: str) -> Path:
-    return Path(args.output_dir) / task / f"seed-{seed}" / arm
+def arm_dir(args: CompareArgs, task: str, seed: int, arm: str, budget: int | None = None) -> Path:
+    root = Path(args.output_dir) / task
+    return (root / f"budget-{budget}" if budget else root) / f"seed-{seed}" / arm
 
 
-def arm_config(args: CompareArgs, task: str, seed: int, arm: str) -> RunConfig:
-    """defaults < the preset < common settings < the arm's own settings < what the arm is (method, models, task, seed,
-    directory)."""
-    values = layered(preset_values(args.preset, arm), args.common, args.arms[arm])
+def arm_config(
+    args: CompareArgs, task: str, seed: int, arm: str, budget: int | None = None, teacher: str | None = None
+) -> RunConfig:
+    """defaults < the preset < common settings < the arm's own settings (a student arm: the kd-lora arm's, then its
+    own) < what the arm is (method, models, task, seed, budget, directory). `teacher`: the arm it distils from
+    (default: --teacher-arm, fft for best until the teacher arms are scored)."""
+    method = arm if arm in TEACHER_ARMS else "kd-lora"
+    own = [args.arms.get("kd-lora"), STUDENT_ARMS[arm]] if method == "kd-lora" and arm != "kd-lora" else []
+    values = layered(preset_values(args.preset, method), args.common, *own, args.arms.get(arm))
     model = values.setdefault("model", {})
-    if arm == "kd-lora":
-        model.update(teacher=str(arm_dir(args, task, seed, "fft")), teacher_model=None)
+    if method == "kd-lora":
+        teacher = teacher or (args.teacher_arm if args.teacher_arm in TEACHER_ARMS else "fft")
+        model.update(teacher=str(arm_dir(args, task, seed, teacher, budget)), teacher_model=None)
         if args.student_model:
             model.update(name=args.student_model, student_layers=None)
         else:
             model.update(name=None, student_layers=args.student_layers)
     else:
         model.update(name=args.teacher_model, teacher=None, teacher_model=None, student_layers=None)
-    values.setdefault("data", {})["task"] = task
+    data = values.setdefault("data", {})
+    data["task"] = task
+    if budget:
+        data.update(label_budget=budget, label_seed=seed)
     train = values.setdefault("train", {})
-    train.update(method=arm, seed=seed, output_dir=str(arm_dir(args, task, seed, arm)), quiet=args.quiet)
+    out = arm_dir(args, task, seed, arm, budget)
+    train.update(method=method, seed=seed, output_dir=str(out), quiet=args.quiet)
     return build_config(values)
 
 
@@ -197,23 +243,42 @@ def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig
 
 
 def run_compare(args: CompareArgs) -> Path:
-    """Run every arm of every task and seed, time the arms, write the report. Returns the report's path."""
+    """Run every arm of every task, budget and seed, time the arms (the paper's protocol), write the report. Returns
+    the report's path."""
     from kdlora.report import write_report
 
     for task in args.tasks:
-        for seed in args.seeds:
-            cfgs = {arm: arm_config(args, task, seed, arm) for arm in ARMS}
-            where = f"{task} seed {seed}"
-            fft, fft_trained = run_arm(cfgs["fft"], f"[{where}] fft", False, args.overwrite)
-            _, lora_trained = run_arm(cfgs["lora"], f"[{where}] lora", False, args.overwrite)
-            # A kd-lora run distilled from an earlier teacher is stale once the teacher is retrained.
-            kd_done = read_run(arm_dir(args, task, seed, "kd-lora")) or {}
-            stale = bool(kd_done) and (fft_trained or kd_done.get("teacher_score") != fft["score"])
-            if stale or not kd_done:
-                cache_teacher_logits(cfgs["kd-lora"], f"[{where}] kd-lora")
-            _, kd_trained = run_arm(cfgs["kd-lora"], f"[{where}] kd-lora", stale, args.overwrite)
-            timed = all(read_inference(arm_dir(args, task, seed, arm)) is not None for arm in ARMS)
-            if args.inference_runs and (fft_trained or lora_trained or kd_trained or not timed):
-                print(f"[{where}] timing the merged models on the validation set", flush=True)
-                time_arms(args, task, seed, cfgs)
+        for budget in args.budgets:
+            for seed in args.seeds:
+                run_cell(args, task, budget, seed)
     return write_report(Path(args.output_dir), quiet=args.quiet)
+
+
+def run_cell(args: CompareArgs, task: str, budget: int | None, seed: int) -> None:
+    """One task, budget and seed: the teacher arms, then the student arms distilled from the chosen teacher."""
+    where = f"{task}{f' budget {budget}' if budget else ''} seed {seed}"
+    done, trained = {}, {}
+    for arm in TEACHER_ARMS:
+        cfg = arm_config(args, task, seed, arm, budget)
+        done[arm], trained[arm] = run_arm(cfg, f"[{where}] {arm}", False, args.overwrite)
+    teacher = args.teacher_arm
+    if teacher == "best":
+        teacher = max(TEACHER_ARMS, key=lambda a: done[a]["score"])  # fft on a tie
+        print(f"[{where}] teacher: the {teacher} arm (dev score {done[teacher]['score']:.2f})", flush=True)
+    students = [a for a in args.arm_names if a not in TEACHER_ARMS]
+    cfgs = {a: arm_config(args, task, seed, a, budget, teacher) for a in students}
+    for arm, cfg in cfgs.items():
+        # A student distilled from an earlier teacher is stale once the teacher is retrained.
+        out = Path(cfg.train.output_dir)
+        before = read_run(out) or {}
+        moved = os.path.realpath(str(before.get("teacher"))) != os.path.realpath(cfg.model.teacher)
+        stale = bool(before) and (trained[teacher] or moved or before.get("teacher_score") != done[teacher]["score"])
+        if stale or not before or not same_config(out, cfg):
+            cache_teacher_logits(cfg, f"[{where}] {arm}")
+        _, trained[arm] = run_arm(cfg, f"[{where}] {arm}", stale, args.overwrite)
+    if budget or not args.inference_runs:  # the label-scarce protocol measures scores, not inference time
+        return
+    timed = all(read_inference(arm_dir(args, task, seed, arm)) is not None for arm in ARMS)
+    if any(trained.values()) or not timed:
+        print(f"[{where}] timing the merged models on the validation set", flush=True)
+        time_arms(args, task, seed, {"fft": arm_config(args, task, seed, "fft")})

@@ -66,8 +66,12 @@ class ModelArgs:
     name: str | None = arg(
         None, "model to train (fft, lora) or the student base (kd-lora): local path or hub id", flag="--model"
     )
-    teacher: str | None = arg(None, "kd-lora: a finished fft run directory to distil from")
-    teacher_model: str | None = arg(None, "kd-lora: fine-tune this checkpoint with fft first, then distil from it")
+    teacher: str | None = arg(
+        None, "kd-lora: a finished run directory to distil from (fft, lora, kd-lora or kd-fft: its merged model)"
+    )
+    teacher_model: str | None = arg(
+        None, "kd-lora: fine-tune this checkpoint first (--teacher-method), then distil from it"
+    )
     student_layers: list[int] | None = arg(
         None, "kd-lora: build the student from these encoder layers of the teacher checkpoint, e.g. 0,2,4"
     )
@@ -125,6 +129,12 @@ class DataArgs:
     )
     max_length: int = arg(128, "truncate inputs to this many tokens; batches are padded to their own longest")
     max_train_samples: int | None = arg(None, "use only the first N training examples")
+    label_budget: int | None = arg(
+        None,
+        "keep the labels of only N training examples, drawn at random within each class (regression: each score "
+        "quintile) by --label-seed; --unlabeled-rest distils on the others' text",
+    )
+    label_seed: int = arg(0, "the seed of the --label-budget draw (the same draw for every method and --seed)")
     max_eval_samples: int | None = arg(None, "use only the first N examples of each evaluation split")
 
     @property
@@ -139,6 +149,10 @@ class DataArgs:
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             _require(value is None or value >= 0, f"{name} must be >= 0, got {value}")
+        _require(
+            self.label_budget is None or self.label_budget > 0, f"label_budget must be > 0, got {self.label_budget}"
+        )
+        _require(0 <= self.label_seed < 2**32, f"label_seed must be in 0..{2**32 - 1}, got {self.label_seed}")
         if not self.custom:
             given = [f"--{n.replace('_', '-')}" for n in CUSTOM_ONLY if getattr(self, n)]
             defaults = {"label_column": "label", "problem": "auto", "validation_split": "validation"}
@@ -209,8 +223,13 @@ class LoraArgs:
 class KDArgs:
     alpha: float = arg(0.5, "weight of the task loss; 1 - alpha weighs the distillation loss")
     temperature: float = arg(1.0, "softmax temperature T of the distillation loss (the paper's is 2)")
-    teacher_lr: float = arg(5e-5, "learning rate of the fft teacher trained by --teacher-model")
-    teacher_epochs: int | None = arg(None, f"epochs of that teacher (default {DEFAULT_EPOCHS['fft']}, as for fft)")
+    teacher_method: Literal["fft", "lora"] = arg(
+        "fft", "how --teacher-model is fine-tuned: fft (the paper's) or lora (merged; often better with few labels)"
+    )
+    teacher_lr: float | None = arg(
+        None, "learning rate of the teacher trained by --teacher-model (default: its method's, 5e-5 for fft)"
+    )
+    teacher_epochs: int | None = arg(None, "epochs of that teacher (default: its method's, 3 for fft, 5 for lora)")
     no_recompute: bool = arg(False, "fail instead of recomputing when no cached teacher logits match", results=False)
     augment: int = arg(
         0,
@@ -230,6 +249,9 @@ class KDArgs:
         None,
         "transfer set: your unlabelled in-domain text, labelled by the teacher and distilled only (.txt, one text a "
         "line, or .csv/.tsv/.jsonl/.json/.parquet with the training data's text columns)",
+    )
+    unlabeled_rest: bool = arg(
+        False, "transfer set: the training rows that --label-budget leaves out, labels dropped, distilled only"
     )
     hidden_weight: float = arg(
         0.0,
@@ -263,6 +285,8 @@ class KDArgs:
         _require(self.augment_neighbours >= 1, f"augment_neighbours must be >= 1, got {self.augment_neighbours}")
         _require(not self.augment_mlm or self.augment > 0, "--augment-mlm makes the variants of --augment N: give N")
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        if self.teacher_lr is None:
+            self.teacher_lr = DEFAULT_LR[self.teacher_method]
         _require(self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")
         _require(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
@@ -342,7 +366,7 @@ class RunConfig:
         if method in DISTILLED:
             if not (m.teacher or m.teacher_model):
                 raise KdloraError(
-                    f"{method} needs a teacher: --teacher RUN_DIR (a finished fft run) or --teacher-model NAME"
+                    f"{method} needs a teacher: --teacher RUN_DIR (a finished run) or --teacher-model NAME"
                 )
             if m.teacher and m.teacher_model:
                 raise KdloraError("give either --teacher or --teacher-model, not both")
@@ -353,11 +377,14 @@ class RunConfig:
         elif not m.name:
             raise KdloraError(f"{method} needs --model NAME_OR_PATH")
         kd = self.kd
-        if method not in DISTILLED and (kd.augment or kd.unlabeled_file or kd.hidden_weight or kd.attention_weight):
+        distil_only = kd.augment or kd.unlabeled_file or kd.unlabeled_rest or kd.hidden_weight or kd.attention_weight
+        if method not in DISTILLED and distil_only:
             raise KdloraError(
-                f"--augment, --unlabeled-file, --hidden-weight and --attention-weight distil from a teacher: {method} "
-                "has none (use kd-lora or kd-fft)"
+                f"--augment, --unlabeled-file, --unlabeled-rest, --hidden-weight and --attention-weight distil from a "
+                f"teacher: {method} has none (use kd-lora or kd-fft)"
             )
+        if kd.unlabeled_rest and not self.data.label_budget:
+            raise KdloraError("--unlabeled-rest distils on the rows that --label-budget N leaves out: give N")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

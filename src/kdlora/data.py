@@ -7,10 +7,12 @@ are looked up by example and never by batch position.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
+import random
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -388,14 +390,68 @@ def data_fingerprint(examples: Sequence[Example], task: Task) -> str:
     return h.hexdigest()
 
 
+def label_draw(examples: Sequence[Example], task: Task, budget: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """--label-budget: (the `budget` examples that keep their labels, the rest), drawn at random within each class
+    (regression: each quintile of the scores), in proportion to the strata's sizes and at least one from each, so every
+    class is kept. Both lists keep the split's order; the draw depends on the examples and the seed only."""
+    if budget >= len(examples):
+        raise KdloraError(
+            f"--label-budget {budget} keeps every one of the {len(examples)} training examples: give fewer"
+        )
+    if task.is_regression:
+        order = sorted(range(len(examples)), key=lambda i: (examples[i].label, i))
+        strata = [order[k * len(order) // 5 : (k + 1) * len(order) // 5] for k in range(5)]
+    else:
+        by_class: dict[Any, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_class.setdefault(e.label, []).append(i)
+        strata = [by_class[c] for c in sorted(by_class)]
+    strata = [s for s in strata if s]
+    if budget < len(strata):
+        raise KdloraError(f"--label-budget {budget} cannot keep one example of each of the {len(strata)} classes")
+    # Proportional shares by largest remainder, then at least one from each stratum (taken from the largest).
+    shares = [budget * len(s) / len(examples) for s in strata]
+    counts = [math.floor(x) for x in shares]
+    for k in sorted(range(len(strata)), key=lambda k: counts[k] - shares[k])[: budget - sum(counts)]:
+        counts[k] += 1
+    for k in range(len(strata)):
+        if counts[k] == 0:
+            counts[k] = 1
+            counts[max(range(len(strata)), key=lambda j: counts[j])] -= 1
+    rng = random.Random(seed)
+    kept = {i for s, n in zip(strata, counts, strict=True) for i in rng.sample(s, n)}
+    return [e for i, e in enumerate(examples) if i in kept], [e for i, e in enumerate(examples) if i not in kept]
+
+
+def training_rows(args: DataArgs, task: Task) -> tuple[list[Example], list[Example]]:
+    """The training split after --max-train-samples, split by --label-budget into (labelled, the rest); without a
+    budget the rest is empty."""
+    examples = read_split(args, "train")
+    if args.max_train_samples is not None:
+        examples = examples[: args.max_train_samples]
+    if not args.label_budget:
+        return examples, []
+    return label_draw(examples, task, args.label_budget, args.label_seed)
+
+
+def unlabeled_rest(args: DataArgs, task: Task) -> list[Example]:
+    """--unlabeled-rest: the training rows that --label-budget leaves out, their labels dropped (distilled only)."""
+    return [dataclasses.replace(e, label=None) for e in training_rows(args, task)[1]]
+
+
 def load_splits(args: DataArgs, splits: Sequence[str]) -> dict[str, list[Example]]:
-    """Read the named splits and apply --max-train-samples / --max-eval-samples (the first N rows, as run_glue does)."""
+    """Read the named splits and apply --max-train-samples / --max-eval-samples (the first N rows, as run_glue does)
+    and --label-budget (a stratified draw of the training rows)."""
     out = {}
     for split in splits:
-        examples = read_split(args, split)
-        cap = args.max_train_samples if split == "train" else args.max_eval_samples
-        if cap is not None:
-            examples = examples[:cap]
+        if split == "train":
+            cap = args.max_train_samples
+            examples = training_rows(args, load_task(args))[0]
+        else:
+            cap = args.max_eval_samples
+            examples = read_split(args, split)
+            if cap is not None:
+                examples = examples[:cap]
         if not examples:
             raise KdloraError(
                 f"the {args.task} '{split}' split is empty"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlora.config import DISTILLED, LORA_METHODS, METHODS
+from kdlora.curve import budget_of, write_curve
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_text
 from kdlora.rundir import CHECKPOINT, CONFIG, merged_dir, read_config, read_inference, read_run, result_config
@@ -509,6 +510,12 @@ def write_report(
     Returns the path of report.md. Run paths in it are relative to `root`."""
     dest = output_dir or root
     runs, unfinished = find_runs(root)
+    # Runs on a label budget make the learning curve, not the tables of the full labelled sets.
+    curve = [r for r in runs if budget_of(r.config)]
+    runs = [r for r in runs if not budget_of(r.config)]
+    curve_md = write_curve(curve, dest, quiet) if curve else None
+    if not runs and curve_md is not None:
+        return curve_md
     if not runs:
         raise KdloraError(
             f"no finished kdlora runs under {root}" + (f" ({len(unfinished)} unfinished)" * bool(unfinished))

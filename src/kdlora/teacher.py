@@ -78,12 +78,11 @@ def fingerprint(model_dir: Path, examples: Sequence[Example], task: Task, max_le
 
 
 def teacher_model_dir(run_dir: Path, task: Task) -> Path:
-    """The merged model of a finished fft run on `task`, or a clear error."""
+    """The merged model of a finished run of any method on `task` (fft; lora and the distilled methods with their
+    adapters merged in), or a clear error."""
     run = read_run(run_dir)
     if run is None:
         raise KdloraError(f"--teacher {run_dir} is not a finished kdlora run")
-    if run.get("method") != "fft":
-        raise KdloraError(f"--teacher {run_dir} is a {run.get('method')} run; the teacher must be an fft run")
     if run.get("task") != task.name:
         raise KdloraError(f"--teacher {run_dir} was trained on {run.get('task')}, not {task.name}")
     model_dir = merged_dir(run_dir)

@@ -24,7 +24,16 @@ from kdlora import __version__, rundir
 from kdlora.card import model_card
 from kdlora.checkpoint import Checkpoint, Progress, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kdlora.config import DEFAULT_EPOCHS, DISTILLED, LORA_METHODS, KDArgs, RunConfig, TrainArgs
-from kdlora.data import Batch, Example, build_loaders, data_fingerprint, load_splits, load_task, read_unlabeled
+from kdlora.data import (
+    Batch,
+    Example,
+    build_loaders,
+    data_fingerprint,
+    load_splits,
+    load_task,
+    read_unlabeled,
+    unlabeled_rest,
+)
 from kdlora.env import distributed_cpu, peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
 from kdlora.evaluate import evaluate, write_test_predictions
@@ -88,9 +97,12 @@ def preflight(cfg: RunConfig) -> Task:
         if m.teacher:
             teacher_model_dir(Path(m.teacher), task)
         else:
-            models.append((m.teacher_model, "fft", None))
+            models.append((m.teacher_model, cfg.kd.teacher_method, None))
         # A student cut from the fine-tuned teacher has its checkpoint's architecture: check that checkpoint.
-        source = m.name or (m.teacher_model or (rundir.read_config(m.teacher) or {}).get("model", {}).get("name"))
+        source = m.name or m.teacher_model
+        if not source:
+            teacher = (rundir.read_config(m.teacher) or {}).get("model", {}).get("name")
+            source = str(teacher_model_dir(Path(m.teacher), task)) if m.student_init == "teacher" else teacher
         models.append((source, cfg.train.method, m.student_layers))
     for name, method, layers in models:
         check_model(
@@ -293,12 +305,13 @@ def data_splits(cfg: RunConfig, task: Task) -> list[str]:
 
 
 def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
-    """The fft run that --teacher-model asks for: same task, data and seed; the teacher's own lr and epochs."""
+    """The run that --teacher-model asks for (--teacher-method, LoRA with its defaults): same task, data and seed;
+    the teacher's own lr and epochs."""
     t = copy.deepcopy(cfg)
     t.model = type(cfg.model)(name=cfg.model.teacher_model, trust_remote_code=cfg.model.trust_remote_code)
-    t.train.method = "fft"
+    t.train.method = cfg.kd.teacher_method
     t.train.lr = cfg.kd.teacher_lr
-    t.train.epochs = cfg.kd.teacher_epochs or DEFAULT_EPOCHS["fft"]
+    t.train.epochs = cfg.kd.teacher_epochs or DEFAULT_EPOCHS[cfg.kd.teacher_method]
     t.train.output_dir = str(output_dir)
     t.train.overwrite = t.train.resume = False  # an unfinished teacher resumes; a finished one is reused or replaced
     t.lora, t.kd = type(cfg.lora)(), type(cfg.kd)()
@@ -306,7 +319,7 @@ def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
 
 
 def ensure_teacher(cfg: RunConfig) -> Path:
-    """Train the fft teacher into the run's teacher directory, or reuse the finished one there if trained alike."""
+    """Train the teacher into the run's teacher directory, or reuse the finished one there if trained alike."""
     tdir = rundir.teacher_dir(cfg.train.output_dir)
     tcfg = teacher_config(cfg, tdir)
     if rundir.is_run(tdir):
@@ -315,7 +328,7 @@ def ensure_teacher(cfg: RunConfig) -> Path:
             say(f"reusing the finished teacher in {tdir}")
             return tdir
         tcfg.train.overwrite = not same  # the same teacher, unfinished, resumes from its checkpoint
-    say(f"training the fft teacher ({cfg.model.teacher_model}) into {tdir}")
+    say(f"training the {tcfg.train.method} teacher ({cfg.model.teacher_model}) into {tdir}")
     run(tcfg)
     return tdir
 
@@ -331,7 +344,13 @@ def model_source(cfg: RunConfig, teacher_run: Path | None) -> tuple[str, list[in
     if cfg.train.method in DISTILLED and m.student_layers:
         if m.student_init == "teacher":
             return str(teacher_model_dir(teacher_run, load_task(cfg.data))), m.student_layers
-        return rundir.read_config(teacher_run)["model"]["name"], m.student_layers
+        pretrained = rundir.read_config(teacher_run)["model"]["name"]
+        if not pretrained:  # a distilled teacher cut from its own teacher has no pretrained checkpoint of its own
+            raise KdloraError(
+                f"--student-init pretrained: the teacher {teacher_run} was itself cut from another model; "
+                "use --student-init teacher"
+            )
+        return pretrained, m.student_layers
     return m.name, None
 
 
@@ -456,7 +475,7 @@ class LossLog:
 
 def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example]) -> list[Example]:
     """What the student trains on: the training set, then the transfer set (distilled only): --augment's variants of
-    the training examples and the rows of --unlabeled-file."""
+    the training examples, the rows --label-budget left out (--unlabeled-rest) and the rows of --unlabeled-file."""
     kd, out = cfg.kd, list(train)
     if teacher_run is None:
         return out
@@ -465,6 +484,8 @@ def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train:
             teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed,
             kd.augment_mlm, cfg.model.trust_remote_code,
         )  # fmt: skip
+    if kd.unlabeled_rest:  # the rows keep their ids: they are rows of the training split, unlike the file's
+        out += unlabeled_rest(cfg.data, task)
     if kd.unlabeled_file:
         out += read_unlabeled(kd.unlabeled_file, task, first_id=max(e.id for e in out) + 1)
     return out
@@ -621,6 +642,12 @@ def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -
             p.copy_(best[n])
     metrics = run_record(cfg, task, progress, params, train_seconds, memory, accelerator, labelled)
     metrics["num_transfer_examples"] = len(loaders.train.dataset) - labelled
+    if cfg.data.label_budget:  # the draw, recorded: which rows kept their labels is in data_fingerprint
+        metrics["label_budget"] = {
+            "budget": cfg.data.label_budget,
+            "seed": cfg.data.label_seed,
+            "counts": label_counts(splits["train"][:labelled], task),
+        }
     metrics.update(features.record() if features else {})
     metrics.update(teacher_record, num_eval_examples={s: len(dl.dataset) for s, dl in eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(splits["train"], task)
@@ -670,6 +697,14 @@ def epoch_batches(
         set_rng_state(ckpt.rng)
         accelerator.step = skip  # micro-batches already accumulated this epoch
     return batches
+
+
+def label_counts(examples: list[Example], task: Task) -> dict[str, int]:
+    """Labelled examples per class (regression: the count under "all")."""
+    if task.is_regression:
+        return {"all": len(examples)}
+    names = task.label_names or tuple(map(str, range(task.num_labels)))
+    return {names[c]: sum(e.label == c for e in examples) for c in range(task.num_labels)}
 
 
 def run_record(
