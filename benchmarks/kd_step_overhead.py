@@ -1,6 +1,6 @@
 """KD-LoRA training step / plain LoRA training step, on the same student and the same batches (goal <= 1.05).
 
-Both arms run the training loop's own step (kdlora.train.TrainStep: forward, objective, backward, clipping, fused
+Both arms run the training loop's own step (kdlora.loop.TrainStep: forward, objective, backward, clipping, fused
 AdamW, schedule), each on its own copy of the student (MiniLM-L6 layers 0,2,4, LoRA r=8 on query/value + head), on
 identical length-grouped CoLA batches from the loop's own loaders. The KD arm's batches carry teacher logits as the
 cache hands them to the loop: with them the step adds only a [B, C] tensor and a KL term. The arms alternate batch by
@@ -23,9 +23,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from kdlora.config import DataArgs, KDArgs, LoraArgs, TrainArgs
 from kdlora.data import build_loaders, load_splits
+from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 from kdlora.models import build_model
 from kdlora.tasks import get_task
-from kdlora.train import TrainStep, build_accelerator, build_optimizer
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     report.line("lora_step_ms", lora_ms, "ms")
     report.line("kdlora_step_ms", kd_ms, "ms")
     report.line("kdlora_over_lora_step_ratio", kd_ms / lora_ms, "(goal <= 1.05)", ".3f")
-    report.write(batches=args.batches, repeats=args.repeats, batch_size=args.batch_size, step="kdlora.train.TrainStep")
+    report.write(batches=args.batches, repeats=args.repeats, batch_size=args.batch_size, step="kdlora.loop.TrainStep")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ import torch
 from conftest import make_tokenizer
 from torch.utils.data import DataLoader
 
-from kdlora.config import DataArgs
+from kdlora.config import DataArgs, KDArgs
 from kdlora.data import Collator, Example, LengthGroupedBatchSampler, TokenizedDataset, load_splits, read_glue_tsv
 from kdlora.errors import KdloraError
-from kdlora.losses import objective
+from kdlora.losses import View, active_terms, objective
 from kdlora.tasks import get_task
 
 REAL_COUNTS = {"cola": (8551, 1043), "mrpc": (3668, 408), "stsb": (5749, 1500), "rte": (2490, 277), "wnli": (635, 71)}
@@ -100,9 +100,10 @@ def test_a_batch_of_only_transfer_rows_still_carries_masked_labels(tmp_path, reg
     batch = Collator(tok, regression=regression)([ds[0], ds[1]])
     assert batch.labels is not None and batch.labels.shape == (2,)
     logits = torch.zeros(2, teacher.shape[1], requires_grad=True)
-    parts = objective(logits, batch.labels, batch.teacher_logits, regression=regression)
-    assert parts.task.item() == 0 and parts.kd.item() > 0
-    parts.total.backward()
+    view = View(logits, batch.labels, batch.teacher_logits)
+    parts = objective(active_terms(KDArgs(), True), view, KDArgs(), regression=regression)
+    assert parts["task"].item() == 0 and parts["kd"].item() > 0
+    parts["total"].backward()
     assert torch.isfinite(logits.grad).all()
     test = TokenizedDataset([Example(0, "the cat", None, None)], tok, 16)  # a test split: no labels, no teacher
     assert Collator(tok, regression=regression)([test[0]]).labels is None

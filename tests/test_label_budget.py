@@ -74,7 +74,9 @@ def test_the_rest_carries_no_label_into_the_task_loss(tiny_glue, tmp_path):
 
 def test_unlabeled_rest_needs_a_budget_and_a_teacher(tiny_bert_dir, tiny_glue, tmp_path, capsys):
     base = ["train", "--task", "cola", "--data-dir", str(tiny_glue), "--output-dir", str(tmp_path / "o")]
-    assert main([*base, "--method", "lora", "--model", str(tiny_bert_dir), "--unlabeled-rest", "--label-budget", "9"]) == 2
+    assert (
+        main([*base, "--method", "lora", "--model", str(tiny_bert_dir), "--unlabeled-rest", "--label-budget", "9"]) == 2
+    )
     assert "distil from a teacher: lora has none" in capsys.readouterr().err
     argv = [*base, "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--unlabeled-rest"]
     assert main(argv) == 2
@@ -84,7 +86,9 @@ def test_unlabeled_rest_needs_a_budget_and_a_teacher(tiny_bert_dir, tiny_glue, t
 def test_a_lora_run_teaches_and_its_merged_layers_make_the_student(tiny_bert_dir, tiny_glue, tmp_path):
     common = ["--task", "cola", "--data-dir", str(tiny_glue), "--epochs", "1", "--quiet"]
     teacher = tmp_path / "lora"
-    assert main(["train", "--method", "lora", "--model", str(tiny_bert_dir), *common, "--output-dir", str(teacher)]) == 0
+    assert (
+        main(["train", "--method", "lora", "--model", str(tiny_bert_dir), *common, "--output-dir", str(teacher)]) == 0
+    )
     student = tmp_path / "kd"
     argv = ["train", "--method", "kd-lora", "--teacher", str(teacher), "--student-layers", "0,2", *common]
     assert main([*argv, "--label-budget", "30", "--unlabeled-rest", "--output-dir", str(student)]) == 0

@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlora.losses import distillation_loss, kd_loss, regression_kd_loss, task_loss
+from kdlora.config import KDArgs
+from kdlora.features import Paired
+from kdlora.losses import TASK_ONLY, View, active_terms, distillation_loss, kd_loss, regression_kd_loss, task_loss
 
 
 @pytest.fixture
@@ -76,13 +78,15 @@ def test_objective_is_the_task_loss_alone_without_a_teacher_and_eq3_with_one():
 
     g = torch.Generator().manual_seed(1)
     s, t, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
-    plain = objective(s, y)
-    assert torch.equal(plain.total, task_loss(s, y, False)) and plain.kd.item() == 0.0
-    parts = objective(s, y, t, alpha=0.3, temperature=4.0)
+    plain = objective(TASK_ONLY, View(s, y), KDArgs())
+    assert torch.equal(plain["total"], task_loss(s, y, False)) and list(plain) == ["total", "task"]  # no KD part
+    kd = KDArgs(alpha=0.3, temperature=4.0)
+    parts = objective(active_terms(kd, True), View(s, y, t), kd)
     ref = distillation_loss(s, t, y, alpha=0.3, temperature=4.0)
-    assert all(torch.equal(a, b) for a, b in zip(parts[:3], ref, strict=True)) and parts.hidden.item() == 0.0
-    reg = objective(s[:, :1], y.float(), t[:, :1], alpha=0.5, regression=True)
-    assert torch.allclose(reg.kd, regression_kd_loss(s[:, :1], t[:, :1]))
+    assert all(torch.equal(parts[k], b) for k, b in zip(("total", "task", "kd"), ref, strict=True))
+    assert list(parts) == ["total", "task", "kd"]  # the feature terms are off
+    reg = objective(active_terms(KDArgs(), True), View(s[:, :1], y.float(), t[:, :1]), KDArgs(), regression=True)
+    assert torch.allclose(reg["kd"], regression_kd_loss(s[:, :1], t[:, :1]))
 
 
 def test_task_loss_leaves_out_rows_without_a_label():
@@ -123,9 +127,10 @@ def test_hidden_state_loss_against_a_reference_over_real_tokens():
     # In the objective it is added with its weight to Eq. 3's total and reported apart.
     logits, teacher, y = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g), torch.tensor([0, 1, 1])
     h = hidden_state_loss(s, t, mask)
-    parts = objective(logits, y, teacher, hidden=h, hidden_weight=0.25)
-    base = objective(logits, y, teacher)
-    assert torch.allclose(parts.total, base.total + 0.25 * h) and torch.equal(parts.hidden, h)
+    kd = KDArgs(hidden_weight=0.25)
+    parts = objective(active_terms(kd, True), View(logits, y, teacher, mask, Paired(s, t, None, None, None)), kd)
+    base = objective(active_terms(KDArgs(), True), View(logits, y, teacher), KDArgs())
+    assert torch.allclose(parts["total"], base["total"] + 0.25 * h) and torch.equal(parts["hidden"], h)
 
 
 def test_attention_relation_loss_against_a_reference_over_real_tokens():
@@ -169,6 +174,8 @@ def test_attention_relation_loss_against_a_reference_over_real_tokens():
     # In the objective it is added with its weight and reported apart.
     logits, teacher, y = torch.randn(2, 2, generator=g), torch.randn(2, 2, generator=g), torch.tensor([0, 1])
     a = attention_relation_loss(s, t, mask, heads)
-    parts = objective(logits, y, teacher, attention=a, attention_weight=2.0)
-    assert torch.allclose(parts.total, objective(logits, y, teacher).total + 2.0 * a)
-    assert torch.equal(parts.attention, a) and parts.hidden.item() == 0.0
+    kd = KDArgs(attention_weight=2.0)
+    parts = objective(active_terms(kd, True), View(logits, y, teacher, mask, Paired(None, None, s, t, heads)), kd)
+    base = objective(active_terms(KDArgs(), True), View(logits, y, teacher), KDArgs())
+    assert torch.allclose(parts["total"], base["total"] + 2.0 * a)
+    assert torch.equal(parts["attention"], a) and "hidden" not in parts

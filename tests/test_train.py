@@ -1,4 +1,4 @@
-"""The one training step (train.TrainStep) that the loop, bench and the benchmarks share."""
+"""The one training step (loop.TrainStep) that the loop, bench and the benchmarks share."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 
 from kdlora.config import KDArgs, LoraArgs, TrainArgs
 from kdlora.data import Batch
+from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 from kdlora.models import build_model
 from kdlora.tasks import get_task
-from kdlora.train import TrainStep, build_accelerator, build_optimizer
 
 
 def _step(model_dir, fused: bool = True):
@@ -38,7 +38,7 @@ def test_a_non_finite_loss_never_reaches_the_weights_and_needs_no_host_sync(tiny
     model, step = _step(tiny_bert_dir)
     assert step.fused
     parts = step(_batch(0.5))
-    assert parts.shape == (5,) and torch.isfinite(parts).all() and not step.bad.item()
+    assert parts.shape == (3,) and torch.isfinite(parts).all() and not step.bad.item()
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert torch.isnan(step(_batch(float("nan")))[0])
     step(_batch(0.5))  # the flag stays set: nothing moves until the loop has read it and stopped
@@ -77,9 +77,9 @@ def test_attention_relations_read_the_adapted_projections():
     from peft.tuners.lora import LoraLayer
     from transformers import BertForSequenceClassification
 
-    from kdlora.losses import attention_relation_loss
+    from kdlora.features import AttentionPlan, FeatureKD
+    from kdlora.losses import TERMS, View, attention_relation_loss, objective
     from kdlora.models import add_lora, attention_projections
-    from kdlora.train import AttentionPlan, FeatureKD
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny_bert_config()).eval()
@@ -94,7 +94,10 @@ def test_attention_relations_read_the_adapted_projections():
     inputs["attention_mask"][1, 5:] = 0
     student(**inputs)
     accelerator = type("Plain", (), {"autocast": staticmethod(contextlib.nullcontext)})()
-    _, relation = features.losses(Batch(inputs, torch.arange(3), None, None), None, accelerator)
+    paired = features.pair(Batch(inputs, torch.arange(3), None, None), None, accelerator)
+    kd = KDArgs(attention_weight=1)
+    view = View(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, inputs["attention_mask"], paired)
+    relation = objective([t for t in TERMS if t.name == "attention"], view, kd)["attention"]
 
     qkv = list(features.student_qkv.outputs)
     expected = attention_relation_loss(qkv, features.teacher_qkv.outputs, inputs["attention_mask"], 2)

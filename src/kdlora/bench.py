@@ -119,7 +119,7 @@ def parameter_rows(args: BenchArgs, task: Task) -> list[dict[str, Any]]:
 
 
 def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
-    """Run `args.train_steps` steps of `method` through the training loop's own step (train.TrainStep) on full-length
+    """Run `args.train_steps` steps of `method` through the training loop's own step (loop.TrainStep) on full-length
     random batches; return this process's peak memory. KD-LoRA's batches carry teacher logits, as the cached logits
     reach the loop: one [B, C] tensor, no teacher in memory."""
     from accelerate.utils import send_to_device
@@ -127,7 +127,7 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
 
     from kdlora.config import KDArgs, TrainArgs
     from kdlora.data import Batch
-    from kdlora.train import TrainStep, build_accelerator, build_optimizer
+    from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 
     task, tc = load_task(bench_data(args)), TrainArgs(method=method)
     accelerator = build_accelerator(tc)

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from kdlora.config import DISTILLED, LORA_METHODS, RunConfig
+from kdlora.losses import active_terms
 from kdlora.tasks import Task
 
 
@@ -90,16 +91,8 @@ def _how(cfg: RunConfig, metrics: dict[str, Any], origin: str, source: str, laye
         f"{metrics.get('teacher')} (score {_num(metrics.get('teacher_score'))}) with alpha={kd.alpha} on the task "
         f"loss and temperature {kd.temperature}",
     }[method]
-    if method in DISTILLED and metrics.get("hidden_layers"):
-        how += (
-            f", and its layers' outputs matched to the teacher's layers {','.join(map(str, metrics['hidden_layers']))}"
-            f" ({kd.hidden_loss}, weight {kd.hidden_weight})"
-        )
-    if method in DISTILLED and metrics.get("attention_layer"):
-        how += (
-            f", and its last layer's self-attention relations matched to the teacher's layer "
-            f"{metrics['attention_layer']} ({metrics['attention_heads']} relation heads, weight {kd.attention_weight})"
-        )
+    if method in DISTILLED:
+        how += "".join(f", and {t.card(kd, metrics)}" for t in active_terms(kd, True) if t.card is not None)
     return how
 
 

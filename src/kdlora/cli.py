@@ -342,8 +342,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from kdlora.data import load_task
-    from kdlora.evaluate import evaluate, load_saved, split_loaders
+    from kdlora.evaluate import evaluate, split_loaders
     from kdlora.io import atomic_write_json
+    from kdlora.models import load_saved
 
     data = _eval_data(args)
     task = load_task(data)
@@ -366,7 +367,8 @@ def _predict(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
     from kdlora.config import DataArgs
-    from kdlora.evaluate import load_saved, predict, split_loaders, write_submission
+    from kdlora.evaluate import predict, split_loaders, write_submission
+    from kdlora.models import load_saved
     from kdlora.tasks import get_task
 
     task = get_task(args.task)

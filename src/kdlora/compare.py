@@ -206,10 +206,9 @@ def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
 def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig]) -> None:
     """Time the merged models of the three arms on the validation set, interleaved; write inference.json to each."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
     from kdlora.bench import BenchArgs, inference_batches, time_passes
-    from kdlora.models import load_tokenizer, prepare_tokenizer
+    from kdlora.models import load_saved
 
     cfg = cfgs["fft"]
     bench = BenchArgs(
@@ -223,8 +222,7 @@ def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig
     models, batches = {}, {}
     for arm in ARMS:
         merged = merged_dir(arm_dir(args, task, seed, arm))
-        models[arm] = AutoModelForSequenceClassification.from_pretrained(merged)
-        tokenizer = prepare_tokenizer(load_tokenizer(str(merged)), models[arm].config, str(merged))
+        models[arm], tokenizer = load_saved(merged)
         batches[arm] = inference_batches(bench, tokenizer)
     times = time_passes(models, batches, args.inference_runs, warmup=1)
     for arm in ARMS:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from kdlora.errors import KdloraError
+from kdlora.losses import TERMS
 
 Method = Literal["fft", "lora", "kd-lora", "kd-fft"]
 METHODS: tuple[str, ...] = typing.get_args(Method)  # the one list of methods; everything else reads it from here
@@ -38,6 +39,7 @@ LORA_METHODS = ("lora", "kd-lora")  # train LoRA matrices and the head; the othe
 # teacher's layers, is best there (docs/results.md).
 DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 2e-3, "kd-fft": 5e-5}
 DEFAULT_EPOCHS: dict[str, int] = {"fft": 3, "lora": 5, "kd-lora": 5, "kd-fft": 3}
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's log_with names
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer; kdlora leaves out the head, which trains in full
 
 # Named starting points below a YAML file and flags: per method (a "common" entry for every method).
@@ -336,6 +338,12 @@ class TrainArgs:
         500, "checkpoint every N optimizer steps and at each epoch end (0: epoch ends only)", results=False
     )
     quiet: bool = arg(False, "no progress bars", results=False)
+    report_to: list[str] | None = arg(
+        None,
+        "report per-step losses, lr and per-epoch metrics to accelerate's trackers: tensorboard, wandb, mlflow, "
+        "comet_ml, aim, clearml, dvclive (logs under --output-dir; default none)",
+        results=False,
+    )
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -351,6 +359,10 @@ class TrainArgs:
         _require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _require(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         _require(0 <= self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}")
+        if self.report_to is not None:
+            self.report_to = [t for t in self.report_to if t and t != "none"] or None
+            unknown = sorted(set(self.report_to or ()) - set(TRACKERS))
+            _require(not unknown, f"report_to: unknown tracker(s) {', '.join(unknown)}; use {', '.join(TRACKERS)}")
 
 
 @dataclass
@@ -377,12 +389,12 @@ class RunConfig:
         elif not m.name:
             raise KdloraError(f"{method} needs --model NAME_OR_PATH")
         kd = self.kd
-        distil_only = kd.augment or kd.unlabeled_file or kd.unlabeled_rest or kd.hidden_weight or kd.attention_weight
-        if method not in DISTILLED and distil_only:
-            raise KdloraError(
-                f"--augment, --unlabeled-file, --unlabeled-rest, --hidden-weight and --attention-weight distil from a "
-                f"teacher: {method} has none (use kd-lora or kd-fft)"
-            )
+        # The transfer set and the terms that read the live teacher's features (losses.TERMS) need a teacher.
+        feature_terms = [t.name for t in TERMS if t.needs == "features"]
+        distil_only = ["augment", "unlabeled_file", "unlabeled_rest", *(f"{n}_weight" for n in feature_terms)]
+        if method not in DISTILLED and any(getattr(kd, name) for name in distil_only):
+            flags = ", ".join("--" + name.replace("_", "-") for name in distil_only)
+            raise KdloraError(f"{flags} distil from a teacher: {method} has none (use kd-lora or kd-fft)")
         if kd.unlabeled_rest and not self.data.label_budget:
             raise KdloraError("--unlabeled-rest distils on the rows that --label-budget N leaves out: give N")
 

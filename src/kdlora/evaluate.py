@@ -16,12 +16,11 @@ from torch.utils.data import DataLoader
 
 from kdlora.config import DataArgs
 from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, load_splits
-from kdlora.env import say
+from kdlora.env import default_device, say
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_text, give_default_mode
 from kdlora.metrics import combine_splits, compute_metrics
-from kdlora.models import load_tokenizer, prepare_tokenizer
-from kdlora.rundir import model_dir
+from kdlora.models import load_saved
 from kdlora.tasks import Task
 
 
@@ -56,18 +55,6 @@ def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task,
                 "has collapsed to a constant; a lower --lr usually avoids that"
             )
     return combine_splits(task, per_split)
-
-
-def load_saved(path: str | Path, task: Task) -> tuple[torch.nn.Module, Any]:
-    """A saved classifier (a finished run's merged model, or a model directory) checked against the task, and its
-    tokenizer."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = model_dir(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    if model.config.num_labels != task.num_labels:
-        raise KdloraError(f"{path} has {model.config.num_labels} labels; {task.name} has {task.num_labels}")
-    return model, prepare_tokenizer(load_tokenizer(str(path)), model.config, str(path))
 
 
 def split_loaders(task: Task, tokenizer: Any, data: DataArgs, splits: tuple[str, ...], batch_size: int) -> dict:
@@ -172,13 +159,7 @@ def predict_file(
 ) -> int:
     """Predict every row of a raw file (CSV, TSV, JSONL, JSON, Parquet or one text a line) with a saved classifier, in
     input order, a batch at a time: memory stays flat in the file's size. Returns the number of rows written."""
-    from transformers import AutoModelForSequenceClassification
-
-    from kdlora.env import default_device
-
-    path = model_dir(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    tokenizer = prepare_tokenizer(load_tokenizer(str(path)), model.config, str(path))
+    model, tokenizer = load_saved(model_path)
     device = default_device()
     model.to(device).eval()
     n = model.config.num_labels

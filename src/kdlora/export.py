@@ -152,9 +152,7 @@ class OrtClassifier:
 
 def run_export(args: ExportArgs) -> dict[str, Any]:
     """Export, check, and write the directory (atomically: a failed check leaves nothing). Returns export.json."""
-    from transformers import AutoModelForSequenceClassification
-
-    from kdlora.models import load_tokenizer, prepare_tokenizer
+    from kdlora.models import load_saved
     from kdlora.rundir import model_dir
 
     require_onnxruntime()
@@ -162,8 +160,8 @@ def run_export(args: ExportArgs) -> dict[str, Any]:
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise KdloraError(f"{out} is not empty: pass --overwrite to replace it")
-    model = AutoModelForSequenceClassification.from_pretrained(source).eval()
-    tokenizer = prepare_tokenizer(load_tokenizer(str(source)), model.config, str(source))
+    model, tokenizer = load_saved(source)
+    model.eval()
     examples, task = parity_examples(args)
     record: dict[str, Any] = {}
 

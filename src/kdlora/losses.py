@@ -7,8 +7,9 @@ Regression tasks have C = 1.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -121,41 +122,96 @@ def attention_relation_loss(
     return total / max(len(student), 1)
 
 
-class LossParts(NamedTuple):
-    total: torch.Tensor  # what the optimizer minimises
-    task: torch.Tensor  # L_task
-    kd: torch.Tensor  # L_KD (0 without a teacher)
-    hidden: torch.Tensor  # L_hidden, the hidden-state term (0 unless it is weighed in)
-    attention: torch.Tensor  # L_attention, the self-attention relation term (0 unless it is weighed in)
+class View(NamedTuple):
+    """What a term reads of one batch: the student's logits [B, C], the labels [B] (IGNORE or NaN on transfer rows),
+    the teacher's cached logits [B, C] (None without a teacher), the attention mask [B, S], and the two models'
+    paired inner features (features.Paired: hidden states, attention projections) when a feature term is on."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    features: Any = None
 
 
-def objective(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
-    regression: bool = False,
-    hidden: torch.Tensor | None = None,
-    hidden_weight: float = 0.0,
-    attention: torch.Tensor | None = None,
-    attention_weight: float = 0.0,
-) -> LossParts:
-    """The training objective of every method: the task loss alone without a teacher (fft, lora), KD-LoRA's
-    α·L_task + (1-α)·L_KD with one, plus hidden_weight·L_hidden and attention_weight·L_attention when those terms
-    are given. logits, teacher_logits: [B, C]; labels: [B]; hidden (hidden_state_loss), attention
-    (attention_relation_loss): scalars. Each part is a scalar."""
-    if teacher_logits is None:
-        total = hard = task_loss(logits, labels, regression)
-        soft = torch.zeros((), device=hard.device)
-    else:
-        total, hard, soft = distillation_loss(
-            logits, teacher_logits, labels, alpha=alpha, temperature=temperature, regression=regression
-        )
-    zero = torch.zeros((), device=hard.device)
-    if hidden is not None:
-        total = total + hidden_weight * hidden
-    if attention is not None:
-        total = total + attention_weight * attention
-    return LossParts(total, hard, soft, zero if hidden is None else hidden, zero if attention is None else attention)
+@dataclass(frozen=True)
+class Term:
+    """One named part of the objective: a pure function of the batch's View (and the run's KD settings, and whether
+    the task is a regression) to a scalar, and its weight in the total. Its name keys the loss log (train_loss_<name>),
+    the metrics record and the checkpoint's history.
+
+    on(kd): whether a distilled run computes it; needs: what it reads beyond the student's logits and the labels
+    ("logits": the teacher's cached logits; "features": the live teacher beside the student, which --<name>-weight
+    turns on and which only a distilled method has); card(kd, metrics): the model card's clause for it."""
+
+    name: str
+    fn: Callable[[View, Any, bool], torch.Tensor]
+    weight: Callable[[Any], float]
+    on: Callable[[Any], bool] = lambda kd: True
+    needs: str | None = None
+    card: Callable[[Any, dict[str, Any]], str] | None = None
+
+
+def _task_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
+    return task_loss(v.logits, v.labels, regression)
+
+
+def _kd_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
+    if regression:
+        return regression_kd_loss(v.logits, v.teacher_logits)
+    return kd_loss(v.logits, v.teacher_logits, kd.temperature)
+
+
+def _hidden_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
+    return hidden_state_loss(v.features.student_hidden, v.features.teacher_hidden, v.mask, kd.hidden_loss)
+
+
+def _attention_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
+    return attention_relation_loss(v.features.student_qkv, v.features.teacher_qkv, v.mask, v.features.heads)
+
+
+# The objective's terms, in the order the total adds them. A new distillation term: a function of the View above and
+# one entry here (with its weight's field in config.KDArgs, which gives it a flag).
+TERMS: tuple[Term, ...] = (
+    Term("task", _task_term, weight=lambda kd: kd.alpha),
+    Term("kd", _kd_term, weight=lambda kd: 1 - kd.alpha, needs="logits"),
+    Term(
+        "hidden",
+        _hidden_term,
+        weight=lambda kd: kd.hidden_weight,
+        on=lambda kd: kd.hidden_weight > 0,
+        needs="features",
+        card=lambda kd, m: (
+            f"its layers' outputs matched to the teacher's layers "
+            f"{','.join(map(str, m['hidden_layers']))} ({kd.hidden_loss}, weight {kd.hidden_weight})"
+        ),
+    ),
+    Term(
+        "attention",
+        _attention_term,
+        weight=lambda kd: kd.attention_weight,
+        on=lambda kd: kd.attention_weight > 0,
+        needs="features",
+        card=lambda kd, m: (
+            f"its last layer's self-attention relations matched to the teacher's layer "
+            f"{m['attention_layer']} ({m['attention_heads']} relation heads, weight {kd.attention_weight})"
+        ),
+    ),
+)
+TASK_ONLY = (Term("task", _task_term, weight=lambda kd: 1.0),)  # fft and lora: the task loss alone
+
+
+def active_terms(kd: Any, distilled: bool) -> tuple[Term, ...]:
+    """The terms a run computes: the task loss alone without a teacher, else every term that is on."""
+    return tuple(t for t in TERMS if t.on(kd)) if distilled else TASK_ONLY
+
+
+def objective(terms: Sequence[Term], view: View, kd: Any, regression: bool = False) -> dict[str, torch.Tensor]:
+    """The training objective of every method: each term's value by name, and under "total" their weighted sum
+    (KD-LoRA's α·L_task + (1-α)·L_KD with a teacher, plus the weighted feature terms that are on). Scalars."""
+    parts = {t.name: t.fn(view, kd, regression) for t in terms}
+    total = None
+    for t in terms:
+        part = t.weight(kd) * parts[t.name]
+        total = part if total is None else total + part
+    return {"total": total, **parts}

@@ -10,6 +10,7 @@ from torch import nn
 
 from kdlora.config import ALL_LINEAR, LORA_METHODS, LoraArgs
 from kdlora.errors import KdloraError
+from kdlora.rundir import model_dir
 from kdlora.tasks import Task
 
 # Query/value projections per architecture (the paper adapts W_q and W_v). Other types fall back to peft's own table.
@@ -107,6 +108,25 @@ def load_classifier(
         raise
     tokenizer = prepare_tokenizer(load_tokenizer(path, trust_remote_code), model.config, name)
     return model, tokenizer
+
+
+def load_saved(path: str | Path, task: Task | None = None) -> tuple[nn.Module, Any]:
+    """A saved classifier (a finished run's merged model, or a model directory) and the tokenizer saved with it,
+    fitted to the model; checked against `task` when given. Every saved model kdlora reads is loaded here."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = model_dir(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    if task is not None and model.config.num_labels != task.num_labels:
+        raise KdloraError(f"{path} has {model.config.num_labels} labels; {task.name} has {task.num_labels}")
+    return model, prepare_tokenizer(load_tokenizer(str(path)), model.config, str(path))
+
+
+def model_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a checkpoint (a path, the packaged MiniLM or a hub id)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
 
 
 def load_masked_lm(name: str, trust_remote_code: bool = False, weights: bool = True) -> tuple[nn.Module, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from kdlora.config import DISTILLED, LORA_METHODS, RunConfig, build_config, comparable, save_config
+from kdlora.config import DISTILLED, RunConfig, build_config, comparable, save_config
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_dir, atomic_write_json
 
@@ -43,6 +43,7 @@ STUDENT_BASE = "student_base"
 ADAPTER = "adapter"
 MERGED = "merged"
 PREDICTIONS = "predictions.csv"
+LOGS = "logs"  # --report-to: the trackers' files (TensorBoard event files)
 LOCK = ".lock"
 # What `kdlora report` reads of a run: everything but the weights (the architecture is merged/config.json).
 SMALL_FILES = (CONFIG, METRICS, INFERENCE, f"{MERGED}/config.json")
@@ -260,17 +261,16 @@ def save_student_base(out: str | Path, model: Any, tokenizer: Any) -> Path:
     return student_base_dir(out)
 
 
-def save_outputs(out: str | Path, model: Any, tokenizer: Any, method: str, card: str | None = None) -> float:
-    """adapter/ (the peft adapter with the head) for the LoRA methods, and merged/: a plain transformers model and
-    tokenizer; each with the model card as README.md. Returns the merged weights' size in MB."""
-    from kdlora.models import merge
+def save_adapter(out: str | Path, model: Any, tokenizer: Any, card: str | None = None) -> None:
+    """adapter/: the peft adapter with the head (the LoRA methods), the model card as README.md."""
+    _save_model(Path(out) / ADAPTER, model, tokenizer, card)
 
-    out = Path(out)
-    if method in LORA_METHODS:
-        _save_model(out / ADAPTER, model, tokenizer, card)
-        model = merge(model)
-    _save_model(out / MERGED, model, tokenizer, card)
-    return sum(f.stat().st_size for f in (out / MERGED).glob("*.safetensors")) / 2**20
+
+def save_merged(out: str | Path, model: Any, tokenizer: Any, card: str | None = None) -> float:
+    """merged/: a plain transformers model (LoRA folded in) and its tokenizer, the model card as README.md. Returns
+    the weights' size in MB."""
+    _save_model(Path(out) / MERGED, model, tokenizer, card)
+    return sum(f.stat().st_size for f in (Path(out) / MERGED).glob("*.safetensors")) / 2**20
 
 
 def write_metrics(out: str | Path, metrics: dict[str, Any]) -> None:

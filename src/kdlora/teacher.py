@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdlora.data import Example, TokenizedDataset
+from kdlora.data import Collator, Example, TokenizedDataset, eval_batches
 from kdlora.errors import KdloraError
 from kdlora.io import give_default_mode
+from kdlora.models import load_masked_lm, load_saved
 from kdlora.rundir import logits_path, merged_dir, read_run
 from kdlora.tasks import Task
 
@@ -109,13 +110,9 @@ def _compute(
     quiet: bool,
 ) -> torch.Tensor:
     from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification
 
-    from kdlora.data import Collator, eval_batches
-    from kdlora.models import load_tokenizer, prepare_tokenizer
-
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device).eval()
-    tokenizer = prepare_tokenizer(load_tokenizer(str(model_dir)), model.config, str(model_dir))
+    model, tokenizer = load_saved(model_dir)
+    model = model.to(device).eval()
     dataset = TokenizedDataset(examples, tokenizer, max_length)
     collate = Collator(tokenizer, task.is_regression)
     logits = torch.empty(len(dataset), task.num_labels)
@@ -268,12 +265,8 @@ class EmbeddingSwap:
     """Swaps each chosen piece for one of its k nearest neighbours in the teacher's input embeddings."""
 
     def __init__(self, model_dir: Path, k: int) -> None:
-        from transformers import AutoModelForSequenceClassification
-
-        from kdlora.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(str(model_dir))
-        self.embeddings = AutoModelForSequenceClassification.from_pretrained(model_dir).get_input_embeddings().weight
+        model, self.tokenizer = load_saved(model_dir)
+        self.embeddings = model.get_input_embeddings().weight
         self.k = k
 
     def __call__(self, texts: list[tuple[list[int], list[bool], list[int]]]) -> list[list[int]]:
@@ -292,8 +285,6 @@ class MaskedLMSwap:
     LM's own tokenization; pieces past its longest input are kept as they are."""
 
     def __init__(self, name: str, k: int, trust_remote_code: bool = False, batch_size: int = 16) -> None:
-        from kdlora.models import load_masked_lm
-
         self.model, self.tokenizer = load_masked_lm(name, trust_remote_code)  # batch x length x vocabulary logits:
         # a small batch keeps them in memory
         self.k, self.batch_size = k, batch_size
