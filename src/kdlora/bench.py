@@ -25,10 +25,13 @@ from typing import Any
 
 import torch
 
-from kdlora.config import DataArgs, LoraArgs, build_section
-from kdlora.data import load_task
+from kdlora.config import DataArgs, KDArgs, LoraArgs, TrainArgs, arg, build_section
+from kdlora.data import Batch, Collator, TokenizedDataset, eval_batches, load_splits, load_task
 from kdlora.env import default_device, peak_memory, peak_rss_mb, reset_peak_memory
 from kdlora.errors import KdloraError
+from kdlora.export import OrtClassifier, quantize_int8, require_onnxruntime, to_onnx
+from kdlora.io import atomic_write_json, atomic_write_text
+from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 from kdlora.models import build_model, count_parameters, deployed_parameters, enable_gradient_checkpointing, merge
 from kdlora.tasks import Task
 
@@ -37,26 +40,42 @@ BENCH_METHODS = ("fft", "lora", "kd-lora")  # the paper's Table 2
 
 @dataclass
 class BenchArgs:
-    teacher: str = "all-MiniLM-L6-v2"  # teacher checkpoint (also the LoRA baseline's base)
-    student: str | None = None  # student checkpoint; None derives it from the teacher with student_layers
-    student_layers: list[int] = field(default_factory=lambda: [0, 2, 4])
-    task: str | None = None  # a GLUE task (default cola), or the name of the user's own data
-    data_dir: str | None = None  # validation data for inference timing; None uses `datasets`
+    teacher: str = arg(
+        "all-MiniLM-L6-v2",
+        "teacher checkpoint, also the LoRA baseline's base (default: the packaged MiniLM)",
+        flag="--teacher-model",
+        old=("--teacher",),
+    )
+    student: str | None = arg(
+        None,
+        "student checkpoint (default: --student-layers of the teacher)",
+        flag="--student-model",
+        old=("--student",),
+    )
+    student_layers: list[int] = arg([0, 2, 4], "the student: these encoder layers of the teacher")
+    task: str | None = arg(None, "GLUE task (default cola), or the name of your own data")
+    data_dir: str | None = arg(None, "GLUE data for the inference timing (default ../shared/glue when present)")
     data: dict[str, Any] = field(default_factory=dict)  # the user's own data: DataArgs fields (train_file, ...)
-    ranks: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
-    target_modules: list[str] | None = None  # LoRA targets; None: query/value, as the paper's Table 2
-    batch_size: int = 32  # training batch for the memory measurement
-    seq_len: int = 128  # training sequence length for the memory measurement (every sequence full)
+    ranks: list[int] = arg([8, 16, 32, 64], "LoRA ranks of the parameter counts")
+    target_modules: list[str] | None = arg(
+        None, "LoRA targets: none (query/value, as in the paper's Table 2; the default), all-linear, or names"
+    )
+    batch_size: int = arg(32, "training batch for the memory measurement")
+    seq_len: int = arg(128, "training sequence length for the memory measurement (every sequence full)")
     train_steps: int = 3  # optimizer steps per memory measurement
-    gradient_checkpointing: bool = False  # the memory measurement with each layer's activations recomputed
-    eval_batch_size: int = 64  # inference batch
-    runs: int = 100  # timed passes over the validation set per arm (the paper's 100)
-    warmup: int = 2  # untimed passes first
-    max_eval_samples: int | None = None
+    gradient_checkpointing: bool = arg(False, "measure memory with each layer's activations recomputed")
+    eval_batch_size: int = arg(64, "inference batch")
+    runs: int = arg(100, "timed passes over the validation set per arm (the paper's 100)")
+    warmup: int = arg(2, "untimed passes first")
+    max_eval_samples: int | None = arg(None, "time the first N validation examples")
     max_length: int = 128
-    output_dir: str = "runs/bench"
-    skip_memory: bool = False
+    output_dir: str = arg("runs/bench", "where bench.json and bench.md go")
+    skip_memory: bool = arg(False, "leave out the peak-memory measurement")
     onnx_dir: str | None = None  # where the int8 ONNX arms are written (default: a temporary directory)
+
+    def __post_init__(self) -> None:
+        if min(self.ranks) <= 0 or self.runs <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
+            raise KdloraError("--ranks, --runs, --batch-size and --seq-len must be positive")
 
 
 def bench_data(args: BenchArgs) -> DataArgs:
@@ -125,10 +144,6 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
     from accelerate.utils import send_to_device
     from transformers import get_linear_schedule_with_warmup
 
-    from kdlora.config import KDArgs, TrainArgs
-    from kdlora.data import Batch
-    from kdlora.loop import TrainStep, build_accelerator, build_optimizer
-
     task, tc = load_task(bench_data(args)), TrainArgs(method=method)
     accelerator = build_accelerator(tc)
     model, _ = build(args, method, rank, task)
@@ -184,7 +199,6 @@ def _child(payload: str) -> None:
 
 def inference_batches(args: BenchArgs, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     """The task's validation set (first eval split), tokenised and padded per length-sorted batch."""
-    from kdlora.data import Collator, TokenizedDataset, eval_batches, load_splits
 
     data = bench_data(args)
     task = load_task(data)
@@ -256,8 +270,6 @@ def int8_arms(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer: Any
     """The deployed alternatives, when kdlora[export] is installed: teacher and student as int8 ONNX Runtime models
     (the teacher's is what a user weighs against distilling). Exported as `kdlora export` does."""
     try:
-        from kdlora.export import OrtClassifier, quantize_int8, require_onnxruntime, to_onnx
-
         require_onnxruntime()
     except KdloraError:
         return {}
@@ -299,7 +311,6 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
         "arms": time_passes(arms, batches, args.runs, args.warmup),
     }
     out = Path(args.output_dir)
-    from kdlora.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "bench.json", result)
     atomic_write_text(out / "bench.md", to_markdown(result))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import errno
 import json
 import os
@@ -13,11 +14,38 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from kdlora.bench import BenchArgs, run_bench, to_markdown
+from kdlora.compare import BUDGET_ARMS, ERROR_FILE_ENV, CompareArgs, run_compare
+from kdlora.config import (
+    PRESETS,
+    DataArgs,
+    build_config,
+    build_section,
+    command_fields,
+    field_flag,
+    flags,
+    from_flags,
+    layered,
+    preset_values,
+    read_yaml,
+)
+from kdlora.data import load_task
+from kdlora.env import is_main_process
 from kdlora.errors import KdloraError
+from kdlora.evaluate import EvaluateArgs, PredictArgs, evaluate, predict, predict_file, split_loaders, write_submission
+from kdlora.export import ExportArgs, describe, run_export
+from kdlora.io import atomic_write_json
+from kdlora.models import load_saved
+from kdlora.report import ReportArgs, write_report
+from kdlora.rundir import artefacts, is_run, model_dir, read_config
+from kdlora.sweep import SweepArgs, run_sweep
+from kdlora.tasks import get_task
+from kdlora.train import run
 
 # The flags of `train` (and demo, sweep) are generated from the config fields' metadata (kdlora.config.flags).
 # compare: flags that set one config value for every arm.
 COMPARE_COMMON_FLAGS = (
+    "--data-dir",
     "--epochs",
     "--batch-size",
     "--max-train-samples",
@@ -68,8 +96,6 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_preset_flag(p: argparse.ArgumentParser) -> None:
-    from kdlora.config import PRESETS
-
     p.add_argument(
         "--preset",
         choices=list(PRESETS),
@@ -83,7 +109,6 @@ def _add_config_flags(
 ) -> None:
     """Flags generated from the config fields of `sections` (all by default; or `only` these flags); unset flags stay
     out of the namespace."""
-    from kdlora.config import flags
 
     for f in flags().values():
         if (sections and f.section not in sections) or f.flag in skip or (only and f.flag not in only):
@@ -95,14 +120,49 @@ def _add_config_flags(
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    from kdlora.config import flags
-
     out: dict[str, dict[str, Any]] = {}
     for f in flags().values():
         dest = f.flag.lstrip("-").replace("-", "_")
         if dest in vars(args):
             out.setdefault(f.section, {})[f.name] = getattr(args, dest)
     return out
+
+
+class _OldSpelling(argparse.Action):
+    """An old spelling of a flag: still taken for a release, with a one-line notice naming the new one."""
+
+    def __init__(self, *args: Any, new: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print(f"kdlora: {option_string} is deprecated: use {self.new} (it means the same thing)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_fields(p: argparse.ArgumentParser, cls: type) -> None:
+    """A command's flags, generated from its dataclass's field metadata (config.arg), as train's are from RunConfig.
+    Their values land under '<Class>.<field>', apart from the config flags a command may also take."""
+    for f, hint in command_fields(cls):
+        dest, flag, help = f"{cls.__name__}.{f.name}", field_flag(f), f.metadata["help"]
+        if f.metadata.get("positional"):
+            p.add_argument(dest, metavar=f.name.upper(), help=help)
+            continue
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kind = {"action": "store_true"} if hint is bool else {"required": required, "metavar": f.name.upper()}
+        p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kind)
+        for old in f.metadata.get("old", ()):
+            p.add_argument(old, dest=dest, action=_OldSpelling, new=flag, help=argparse.SUPPRESS)
+
+
+def _fields(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values given for `cls`'s flags, by field name."""
+    prefix = f"{cls.__name__}."
+    return {k[len(prefix) :]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
+def _command(args: argparse.Namespace, cls: type, **extra: Any) -> Any:
+    return from_flags(cls, _fields(args, cls), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a saved model on a task's validation split(s)",
         description="A run directory is scored on the data it was trained on unless data flags say otherwise.",
     )
-    p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
+    _add_fields(p, EvaluateArgs)
     _add_config_flags(p, ("data",), skip=("--max-train-samples", "--test-file"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--output", help="also write the metrics to this JSON file")
 
     _add_protocol_parsers(sub)
 
@@ -139,23 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes model.onnx (dynamic batch and sequence axes), config.json, the tokenizer and export.json "
         "(the parity check) in the layout optimum's ORTModelForSequenceClassification loads. Needs kdlora[export].",
     )
-    p.add_argument(
-        "--model-dir", required=True, help="a finished run directory (uses its merged/) or a model directory"
-    )
-    p.add_argument("--format", default="onnx", help="onnx (the one format so far)")
-    p.add_argument("--quantize", default="none", help="none | fp16 | int8 (dynamic, per-channel weight scales)")
-    p.add_argument("--per-tensor", action="store_true", help="int8 with one scale per tensor (measured worse)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--max-eval-samples", type=int, help="check parity on the first N validation examples")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--overwrite", action="store_true")
+    _add_fields(p, ExportArgs)
 
     p = sub.add_parser("report", help="Table 1, Table 2, Figure 2 and CSVs from finished run directories")
-    p.add_argument("runs_dir", help="directory searched for run directories (train, demo, compare or sweep outputs)")
-    p.add_argument("--top-k", type=int, default=6, help="configs in the median when a task and method has several")
-    p.add_argument("--task", help="task of Table 2 and Figure 2 (default cola when present)")
-    p.add_argument("--output-dir", help="write the report here instead of into RUNS_DIR")
-    p.add_argument("--quiet", action="store_true")
+    _add_fields(p, ReportArgs)
 
     p = sub.add_parser(
         "predict",
@@ -164,49 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         "plain-text file (one text a line), in input order, with its label and class probabilities. "
         "--task T --output-dir D: the GLUE leaderboard files of T's test split(s).",
     )
-    p.add_argument("--model-dir", required=True, help="a run directory (uses its merged/) or a model directory")
-    p.add_argument("--input-file", help="rows to label: .csv, .tsv, .jsonl, .json, .parquet or .txt")
-    p.add_argument("--output-file", help="where the predictions go: .csv or .jsonl")
-    p.add_argument("--text-columns", help="the input's text column(s) (default: the run's, or guessed)")
-    p.add_argument("--id-column", help="an input column copied to the output as id (default: the row number)")
-    p.add_argument("--task", help="GLUE task of the submission mode")
-    p.add_argument("--data-dir")
-    p.add_argument("--dataset", default="nyu-mll/glue")
-    p.add_argument("--output-dir", help="directory for the submission TSV(s)")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=64)
+    _add_fields(p, PredictArgs)
     return parser
 
 
 def _add_protocol_parsers(sub: Any) -> None:
     """bench, compare and sweep: the commands that run many trainings or time them."""
     p = sub.add_parser("bench", help="parameters per rank, size, peak training memory and inference time per method")
-    p.add_argument(
-        "--teacher-model", default="all-MiniLM-L6-v2", help="teacher checkpoint (default: the packaged MiniLM)"
-    )
-    p.add_argument("--teacher", dest="deprecated_teacher", help=argparse.SUPPRESS)  # the old name of --teacher-model
-    p.add_argument("--student-model", "--student", help="student checkpoint (default: --student-layers of the teacher)")
-    p.add_argument("--student-layers", default="0,2,4")
-    p.add_argument("--task", help="GLUE task (default cola), or the name of your own data")
-    p.add_argument("--data-dir", help="GLUE data for the inference timing (default ../shared/glue when present)")
+    _add_fields(p, BenchArgs)
     _add_config_flags(p, only=OWN_DATA_FLAGS)
-    p.add_argument("--ranks", default="8,16,32,64")
-    p.add_argument(
-        "--target-modules",
-        default="none",
-        help="LoRA targets: none (query/value, as in the paper's Table 2; the default), all-linear, or names",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="training batch for the memory measurement")
-    p.add_argument("--seq-len", type=int, default=128, help="training sequence length for the memory measurement")
-    p.add_argument(
-        "--gradient-checkpointing", action="store_true", help="measure memory with each layer's activations recomputed"
-    )
-    p.add_argument("--eval-batch-size", type=int, default=64)
-    p.add_argument("--runs", type=int, default=100, help="timed passes over the validation set (default 100)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-eval-samples", type=int)
-    p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--output-dir", default="runs/bench")
 
     p = sub.add_parser(
         "compare",
@@ -214,18 +225,11 @@ def _add_protocol_parsers(sub: Any) -> None:
         description="Per task and seed: the fft teacher, LoRA on the teacher's model, KD-LoRA on the student "
         "distilled from that teacher. Finished arms with the same config are reused; a killed compare resumes.",
     )
-    p.add_argument(
-        "--tasks", required=True, help="comma-separated GLUE tasks, e.g. cola,mrpc,stsb,rte,wnli; or your data's name"
-    )
-    p.add_argument("--seeds", default="42", help="comma-separated seeds; the table gives mean ± std (default 42)")
-    p.add_argument("--teacher-model", required=True, help="model of the fft arm, base of the lora arm, the teacher")
-    p.add_argument("--student-layers", help="kd-lora student: these encoder layers of the teacher, e.g. 0,2,4")
-    p.add_argument("--student-model", help="kd-lora student: this checkpoint instead")
-    p.add_argument("--student-init", help="pretrained | teacher: take --student-layers from which checkpoint")
-    p.add_argument("--data-dir", help="GLUE TSV directory, e.g. ../shared/glue")
-    p.add_argument("--output-dir", default="runs/compare")
+    _add_fields(p, CompareArgs)
     _add_preset_flag(p)
-    p.add_argument("--config", help="YAML: `common:` sections for every arm, then `fft:`, `lora:`, `kd-lora:` sections")
+    p.add_argument(
+        "--config", help="YAML: `common:` sections for every arm, then one section per arm (fft:, lora:, ...)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -233,19 +237,7 @@ def _add_protocol_parsers(sub: Any) -> None:
         metavar="ARM.SECTION.KEY=VALUE",
         help="one setting of one arm (or 'common'), e.g. --set kd-lora.train.lr=2e-3; repeatable",
     )
-    from kdlora.config import flags
-
-    for flag in COMPARE_COMMON_FLAGS + OWN_DATA_FLAGS:
-        p.add_argument(flag, help=f"{flags()[flag].help} (every arm)")
-    p.add_argument(
-        "--label-budget",
-        help="the label-scarce protocol: per budget keep N labelled training rows (a stratified draw per seed) and "
-        "add the arms student (alone) and kd-lora-unlabeled (the rest as unlabelled text), e.g. 500,1000,2000",
-    )
-    p.add_argument("--teacher-arm", default="fft", help="fft | lora | best: the arm the students distil from")
-    p.add_argument("--inference-runs", type=int, default=10, help="timed passes over the validation set per arm")
-    p.add_argument("--overwrite", action="store_true", help="retrain finished arms whose config changed")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p, only=(*COMPARE_COMMON_FLAGS, *OWN_DATA_FLAGS, "--student-init"))
 
     p = sub.add_parser(
         "sweep",
@@ -254,30 +246,18 @@ def _add_protocol_parsers(sub: Any) -> None:
         "OUTPUT/study.db unless --storage names a database that several workers share.",
     )
     _add_train_flags(p)
-    p.add_argument("--grid", default="paper", help="'paper' (the paper's grid for --method) or a YAML grid file")
-    p.add_argument("--storage", help="SQLAlchemy URL of the study, e.g. postgresql://user@host/db (default SQLite)")
-    p.add_argument("--study-name", help="default: kdlora-<task>-<method>")
-    p.add_argument("--top-k", type=int, default=6, help="summarise by the median of the top k configs (default 6)")
-    p.add_argument("--max-trials", type=int, help="this worker stops after N trials")
-    p.add_argument(
-        "--retry-failed", action="store_true", help="run again the points that failed with an error (once each)"
-    )
+    _add_fields(p, SweepArgs)
 
 
 def _train_values(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Config sections from the lowest layer up: --preset, a command's own preset, the --config YAML file, the
     flags."""
-    from kdlora.config import layered, preset_values, read_yaml
 
     values = layered(preset, read_yaml(args.config) if args.config else {}, _overrides(args))
     return layered(preset_values(args.preset, values.get("train", {}).get("method")), values)
 
 
 def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = None) -> int:
-    from kdlora.config import build_config
-    from kdlora.env import is_main_process
-    from kdlora.train import run
-
     cfg = build_config(_train_values(args, preset))
     metrics = run(cfg)
     if is_main_process():
@@ -312,7 +292,6 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         f"parameters: {metrics['trainable_params']:,} trainable of {metrics['total_params']:,}{lora}; "
         f"trained in {metrics['train_seconds']:.0f} s, peak memory {metrics['peak_memory_mb']:.0f} MB"
     )
-    from kdlora.rundir import artefacts
 
     print(f"artefacts: {', '.join(str(p) for p in artefacts(out))}")
 
@@ -321,16 +300,15 @@ def _eval_data(args: argparse.Namespace) -> Any:
     """The data to score a saved model on: the data flags over, for a run directory, the data it was trained on; for
     the user's own data, the labels of the model itself (its id2label), so an evaluation file need not hold every
     class."""
-    from kdlora.config import DataArgs, build_section
-    from kdlora.rundir import is_run, model_dir, read_config
 
-    stored = ((read_config(args.model_dir) or {}).get("data") or {}) if is_run(args.model_dir) else {}
+    model = _fields(args, EvaluateArgs)["model_dir"]
+    stored = ((read_config(model) or {}).get("data") or {}) if is_run(model) else {}
     values = {**stored, **_overrides(args).get("data", {})}
     data: DataArgs = build_section(
         DataArgs, {k: v for k, v in values.items() if k not in ("max_train_samples", "test_file")}, "data"
     )
     if data.custom and not data.labels:
-        config = json.loads((model_dir(args.model_dir) / "config.json").read_text())
+        config = json.loads((model_dir(model) / "config.json").read_text())
         if config.get("problem_type") != "regression" and config.get("num_labels", 2) > 1:
             data.labels = [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
         else:
@@ -341,120 +319,68 @@ def _eval_data(args: argparse.Namespace) -> Any:
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from kdlora.data import load_task
-    from kdlora.evaluate import evaluate, split_loaders
-    from kdlora.io import atomic_write_json
-    from kdlora.models import load_saved
-
+    cmd: EvaluateArgs = _command(args, EvaluateArgs)
     data = _eval_data(args)
     task = load_task(data)
-    model, tokenizer = load_saved(args.model_dir, task)
+    model, tokenizer = load_saved(cmd.model_dir, task)
     accelerator = Accelerator()
-    loaders = split_loaders(task, tokenizer, data, task.eval_splits, args.batch_size)
+    loaders = split_loaders(task, tokenizer, data, task.eval_splits, cmd.batch_size)
     loaders = {s: accelerator.prepare(dl) for s, dl in loaders.items()}
     metrics = {"task": task.name, **evaluate(accelerator.prepare(model), loaders, task, accelerator)}
     print(json.dumps(metrics, indent=2))
-    if args.output:
-        atomic_write_json(args.output, metrics)
+    if cmd.output:
+        atomic_write_json(cmd.output, metrics)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    if args.input_file or args.output_file:
-        return _predict_file(args)
-    if not (args.task and args.output_dir):
+    cmd: PredictArgs = _command(args, PredictArgs)
+    if cmd.input_file or cmd.output_file:
+        return _predict_file(cmd)
+    if not (cmd.task and cmd.output_dir):
         raise KdloraError("predict needs --input-file and --output-file, or --task and --output-dir (GLUE test sets)")
     from accelerate import Accelerator
 
-    from kdlora.config import DataArgs
-    from kdlora.evaluate import predict, split_loaders, write_submission
-    from kdlora.models import load_saved
-    from kdlora.tasks import get_task
-
-    task = get_task(args.task)
-    data = DataArgs(task=task.name, data_dir=args.data_dir, dataset=args.dataset, max_length=args.max_length)
-    model, tokenizer = load_saved(args.model_dir, task)
+    task = get_task(cmd.task)
+    data = DataArgs(task=task.name, data_dir=cmd.data_dir, dataset=cmd.dataset, max_length=cmd.max_length)
+    model, tokenizer = load_saved(cmd.model_dir, task)
     accelerator = Accelerator()
     model = accelerator.prepare(model)
     for split, name in zip(task.test_splits, task.submission, strict=True):
-        loader = split_loaders(task, tokenizer, data, (split,), args.batch_size)[split]
+        loader = split_loaders(task, tokenizer, data, (split,), cmd.batch_size)[split]
         out = predict(model, accelerator.prepare(loader), accelerator, task.is_regression)
-        path = Path(args.output_dir) / name
+        path = Path(cmd.output_dir) / name
         print(f"wrote {write_submission(task, split, out, path)} predictions to {path}")
     return 0
 
 
-def _predict_file(args: argparse.Namespace) -> int:
+def _predict_file(cmd: PredictArgs) -> int:
     """`predict --input-file`: the text columns are the flag's, else those the run was trained on, else guessed."""
-    from kdlora.evaluate import predict_file
-    from kdlora.rundir import is_run, read_config
-
-    if not (args.input_file and args.output_file):
+    if not (cmd.input_file and cmd.output_file):
         raise KdloraError("--input-file and --output-file go together")
-    if args.batch_size <= 0 or args.max_length < 8:
-        raise KdloraError("--batch-size must be > 0 and --max-length at least 8")
-    stored = ((read_config(args.model_dir) or {}).get("data") or {}) if is_run(args.model_dir) else {}
-    columns = args.text_columns.split(",") if args.text_columns else stored.get("text_columns")
+    stored = ((read_config(cmd.model_dir) or {}).get("data") or {}) if is_run(cmd.model_dir) else {}
+    columns = cmd.text_columns or stored.get("text_columns")
     rows = predict_file(
-        args.model_dir, args.input_file, args.output_file, columns, args.id_column, args.batch_size, args.max_length
+        cmd.model_dir, cmd.input_file, cmd.output_file, columns, cmd.id_column, cmd.batch_size, cmd.max_length
     )
-    print(f"wrote {rows} predictions to {args.output_file}")
+    print(f"wrote {rows} predictions to {cmd.output_file}")
     return 0
-
-
-def ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise KdloraError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kdlora.bench import BenchArgs, run_bench, to_markdown
-
-    data_dir = args.data_dir
-    from kdlora.config import flags
-
-    given = {flags()[f].name: getattr(args, f.lstrip("-").replace("-", "_"), None) for f in OWN_DATA_FLAGS}
-    own = {k: v for k, v in given.items() if v is not None}
-    if data_dir is None and Path("../shared/glue").is_dir() and not own:
-        data_dir = "../shared/glue"
-    teacher = args.teacher_model
-    if args.deprecated_teacher:
-        print(
-            "kdlora: bench --teacher is deprecated: it is --teacher-model (a checkpoint), as in train", file=sys.stderr
-        )
-        teacher = args.deprecated_teacher
-    bench = BenchArgs(
-        teacher=teacher,
-        student=args.student_model,
-        student_layers=ints(args.student_layers, "--student-layers"),
-        task=args.task,
-        data_dir=data_dir,
-        data=own,
-        ranks=ints(args.ranks, "--ranks"),
-        target_modules=None if args.target_modules.lower() == "none" else args.target_modules.split(","),
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        gradient_checkpointing=args.gradient_checkpointing,
-        eval_batch_size=args.eval_batch_size,
-        runs=args.runs,
-        warmup=args.warmup,
-        max_eval_samples=args.max_eval_samples,
-        output_dir=args.output_dir,
-        skip_memory=args.skip_memory,
-    )
-    if min(bench.ranks) <= 0 or bench.runs <= 0 or bench.batch_size <= 0 or bench.seq_len <= 0:
-        raise KdloraError("--ranks, --runs, --batch-size and --seq-len must be positive")
+    own = _overrides(args).get("data", {})
+    given = _fields(args, BenchArgs)
+    if given.get("data_dir") is None and Path("../shared/glue").is_dir() and not own:
+        given["data_dir"] = "../shared/glue"
+    bench = from_flags(BenchArgs, given, data=own)
     print(to_markdown(run_bench(bench)))
-    print(f"wrote {Path(args.output_dir) / 'bench.json'} and bench.md")
+    print(f"wrote {Path(bench.output_dir) / 'bench.json'} and bench.md")
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from kdlora.compare import BUDGET_ARMS, CompareArgs, run_compare
-    from kdlora.config import flags, read_yaml
-
+def _compare_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The common and per-arm config sections of compare: the --config YAML, then the config flags (every arm;
+    --student-init the student arms), then --set (one arm, or common)."""
     raw = read_yaml(args.config) if args.config else {}
 
     def sections(value: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -468,16 +394,11 @@ def _compare(args: argparse.Namespace) -> int:
     for section, items in sections(raw.get("common"), "common").items():
         common.setdefault(section, {}).update(items)
     arms = {arm: sections(raw.get(arm), arm) for arm in BUDGET_ARMS if raw.get(arm) is not None}
-    if args.data_dir:
-        common.setdefault("data", {})["data_dir"] = args.data_dir
     # Flags win over the YAML file, the arms' own sections included; --set wins over both.
     settings = []
-    for flag in COMPARE_COMMON_FLAGS + OWN_DATA_FLAGS:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            settings.append(("common", flags()[flag].section, flags()[flag].name, value))
-    if args.student_init:
-        settings.append(("kd-lora", "model", "student_init", args.student_init))
+    for section, items in _overrides(args).items():
+        for key, value in items.items():
+            settings.append(("kd-lora" if key == "student_init" else "common", section, key, value))
     for item in args.set:
         target, sep, value = item.partition("=")
         parts = target.split(".")
@@ -489,69 +410,33 @@ def _compare(args: argparse.Namespace) -> int:
     for arm, section, key, value in settings:
         for layer in (common, *arms.values()) if arm == "common" else (arms.setdefault(arm, {}),):
             layer.setdefault(section, {})[key] = value
-    compare = CompareArgs(
-        tasks=args.tasks.split(","),
-        teacher_model=args.teacher_model,
-        student_model=args.student_model,
-        student_layers=ints(args.student_layers, "--student-layers") if args.student_layers else None,
-        seeds=ints(args.seeds, "--seeds"),
-        output_dir=args.output_dir,
-        common=common,
-        arms=arms,
-        preset=args.preset,
-        label_budgets=ints(args.label_budget, "--label-budget") if args.label_budget else None,
-        teacher_arm=args.teacher_arm,
-        inference_runs=args.inference_runs,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-    )
-    run_compare(compare)
+    return common, arms
+
+
+def _compare(args: argparse.Namespace) -> int:
+    common, arms = _compare_layers(args)
+    run_compare(_command(args, CompareArgs, common=common, arms=arms, preset=args.preset))
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from kdlora.sweep import SweepArgs, run_sweep
-
     values = _train_values(args)
     values.setdefault("train", {}).setdefault("output_dir", "runs/sweep")
-    sweep = SweepArgs(
-        base=values,
-        grid=args.grid,
-        storage=args.storage,
-        study_name=args.study_name,
-        top_k=args.top_k,
-        max_trials=args.max_trials,
-        retry_failed=args.retry_failed,
-    )
-    run_sweep(sweep)
+    run_sweep(_command(args, SweepArgs, base=values))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from kdlora.export import ExportArgs, describe, run_export
-
-    export = ExportArgs(
-        model_dir=args.model_dir,
-        output_dir=args.output_dir,
-        format=args.format,
-        quantize=args.quantize,
-        per_channel=not args.per_tensor,
-        max_eval_samples=args.max_eval_samples,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-    )
+    export: ExportArgs = _command(args, ExportArgs)
     print("".join(describe(run_export(export))))
-    print(f"wrote {Path(args.output_dir) / 'model.onnx'} with its config, tokenizer and export.json")
+    print(f"wrote {Path(export.output_dir) / 'model.onnx'} with its config, tokenizer and export.json")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from kdlora.report import write_report
-
-    if args.top_k <= 0:
-        raise KdloraError(f"--top-k must be > 0, got {args.top_k}")
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    write_report(Path(args.runs_dir), top_k=args.top_k, task=args.task, quiet=args.quiet, output_dir=output_dir)
+    cmd: ReportArgs = _command(args, ReportArgs)
+    output_dir = Path(cmd.output_dir) if cmd.output_dir else None
+    write_report(Path(cmd.runs_dir), top_k=cmd.top_k, task=cmd.task, quiet=cmd.quiet, output_dir=output_dir)
     return 0
 
 
@@ -559,7 +444,6 @@ def _fail(args: argparse.Namespace, message: str) -> None:
     """One line on stderr; or, in a child run by `kdlora compare`, into the file it named, for it to report."""
     if args.debug:
         traceback.print_exc()
-    from kdlora.compare import ERROR_FILE_ENV
 
     error_file = os.environ.get(ERROR_FILE_ENV)
     if error_file:

@@ -22,17 +22,23 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kdlora.bench import own_data
-from kdlora.config import RunConfig, build_config, layered, preset_values
+from kdlora.bench import BenchArgs, inference_batches, own_data, time_passes
+from kdlora.config import RunConfig, arg, build_config, layered, preset_values
+from kdlora.data import load_splits, load_task
+from kdlora.env import default_device
 from kdlora.errors import KdloraError
+from kdlora.models import load_saved
+from kdlora.report import write_report
 from kdlora.rundir import merged_dir, read_inference, read_run, same_config, write_inference
 from kdlora.tasks import glue_name
+from kdlora.teacher import teacher_logits
+from kdlora.train import distil_examples
 
 ARMS = ("fft", "lora", "kd-lora")  # the paper's three arms
 TEACHER_ARMS = ("fft", "lora")  # the arms a student can distil from
@@ -49,20 +55,25 @@ ERROR_FILE_ENV = "KDLORA_ERROR_FILE"  # a child `kdlora train` writes its one-li
 
 @dataclass
 class CompareArgs:
-    tasks: list[str]  # GLUE tasks, each compared on its own splits
-    teacher_model: str  # the FFT arm's model, the LoRA arm's base and the KD-LoRA teacher
-    student_model: str | None = None  # the KD-LoRA student base; or:
-    student_layers: list[int] | None = None  # build the student from these layers of the teacher
-    seeds: list[int] = field(default_factory=lambda: [42])
-    output_dir: str = "runs/compare"
+    tasks: list[str] = arg(MISSING, "comma-separated GLUE tasks, e.g. cola,mrpc,stsb,rte,wnli; or your data's name")
+    teacher_model: str = arg(MISSING, "model of the fft arm, base of the lora arm, the teacher")
+    student_model: str | None = arg(None, "kd-lora student: this checkpoint; or:")
+    student_layers: list[int] | None = arg(None, "kd-lora student: these encoder layers of the teacher, e.g. 0,2,4")
+    seeds: list[int] = arg([42], "comma-separated seeds; the table gives mean ± std (default 42)")
+    output_dir: str = arg("runs/compare", "where the arms and the report go")
     common: dict[str, dict[str, Any]] = field(default_factory=dict)  # config sections for every arm
     arms: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # per arm: config sections
     preset: str | None = None  # a named preset (kdlora.config.PRESETS) below the common settings
-    label_budgets: list[int] | None = None  # the label-scarce protocol: labelled training rows kept per budget
-    teacher_arm: str = "fft"  # fft | lora | best: the arm the student arms distil from (best: by its dev score)
-    inference_runs: int = 10  # timed passes over the validation set per arm (after one warm-up pass)
-    overwrite: bool = False  # replace finished arms whose config changed (same-config arms are always reused)
-    quiet: bool = False
+    label_budgets: list[int] | None = arg(
+        None,
+        "the label-scarce protocol: per budget keep N labelled training rows (a stratified draw per seed) and add the "
+        "arms student (alone) and kd-lora-unlabeled (the rest as unlabelled text), e.g. 500,1000,2000",
+        flag="--label-budget",
+    )
+    teacher_arm: str = arg("fft", "fft | lora | best: the arm the students distil from (best: by its dev score)")
+    inference_runs: int = arg(10, "timed passes over the validation set per arm (after one warm-up pass)")
+    overwrite: bool = arg(False, "retrain finished arms whose config changed (same-config arms are always reused)")
+    quiet: bool = arg(False, "no progress bars")
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -183,10 +194,6 @@ def _die_with_parent() -> None:
 def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
     """Compute the kd-lora arm's teacher logits here, in the parent, so that its child never loads the teacher: its
     peak memory is then the student's training alone, as in the paper's setting of precomputed logits."""
-    from kdlora.data import load_splits, load_task
-    from kdlora.env import default_device
-    from kdlora.teacher import teacher_logits
-    from kdlora.train import distil_examples
 
     task = load_task(cfg.data)
     train = distil_examples(cfg, task, Path(cfg.model.teacher), load_splits(cfg.data, ["train"])["train"])
@@ -206,9 +213,6 @@ def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
 def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig]) -> None:
     """Time the merged models of the three arms on the validation set, interleaved; write inference.json to each."""
     import torch
-
-    from kdlora.bench import BenchArgs, inference_batches, time_passes
-    from kdlora.models import load_saved
 
     cfg = cfgs["fft"]
     bench = BenchArgs(
@@ -243,7 +247,6 @@ def time_arms(args: CompareArgs, task: str, seed: int, cfgs: dict[str, RunConfig
 def run_compare(args: CompareArgs) -> Path:
     """Run every arm of every task, budget and seed, time the arms (the paper's protocol), write the report. Returns
     the report's path."""
-    from kdlora.report import write_report
 
     for task in args.tasks:
         for budget in args.budgets:

@@ -27,7 +27,9 @@ from typing import Any, Literal
 import yaml
 
 from kdlora.errors import KdloraError
+from kdlora.io import atomic_write_text
 from kdlora.losses import TERMS
+from kdlora.tasks import get_task, glue_name, metric_name
 
 Method = Literal["fft", "lora", "kd-lora", "kd-fft"]
 METHODS: tuple[str, ...] = typing.get_args(Method)  # the one list of methods; everything else reads it from here
@@ -55,12 +57,41 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
 }
 
 
-def arg(default: Any, help: str, *, flag: str | None = None, results: bool = True) -> Any:
-    """A config field: its default, one line of help, its flag (default --field-name), whether it changes results."""
-    metadata = {"help": help, "flag": flag, "results": results}
+def arg(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    results: bool = True,
+    old: tuple[str, ...] = (),
+    positional: bool = False,
+) -> Any:
+    """A config or command field: its default (dataclasses.MISSING: a required flag), one line of help, its flag
+    (default --field-name), whether it changes results, its old spellings (still taken, with a notice), or a
+    positional argument. The command line is generated from this metadata."""
+    metadata = {"help": help, "flag": flag, "results": results, "old": old, "positional": positional}
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def field_flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def command_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, type) of each field of a command's dataclass that is on the command line: those with help."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.metadata.get("help")]
+
+
+def from_flags(cls: type, given: dict[str, Any], **extra: Any) -> Any:
+    """A command's dataclass from the raw values of its flags (command-line strings), each converted to its field's
+    type as config values are, or a one-line error naming the flag; `extra` sets fields that are not flags."""
+    kwargs = {f.name: _coerce(given[f.name], hint, field_flag(f)) for f, hint in command_fields(cls) if f.name in given}
+    return cls(**kwargs, **extra)
 
 
 @dataclass
@@ -145,8 +176,6 @@ class DataArgs:
         return bool(self.train_file) or self.dataset not in GLUE_DATASETS
 
     def __post_init__(self) -> None:
-        from kdlora.tasks import get_task, glue_name, metric_name
-
         _require(self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -194,7 +223,6 @@ def _task_name(source: str) -> str:
     if stem.lower() in ("train", "training", "data", "") and path.parent.name:
         stem = path.parent.name
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in stem.lower()).strip("-") or "custom"
-    from kdlora.tasks import glue_name
 
     return f"{name}-data" if glue_name(name) else name
 
@@ -483,7 +511,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise KdloraError(f"{where} must be a list, got {value!r}")
-        return [_coerce(item.strip() if isinstance(item, str) else item, args[0], where) for item in items]
+        try:
+            return [_coerce(item.strip() if isinstance(item, str) else item, args[0], where) for item in items]
+        except KdloraError:
+            if isinstance(value, str) and args[0] in (int, float):  # a flag's comma-separated list
+                kind = "integers" if args[0] is int else "numbers"
+                raise KdloraError(f"{where} must be comma-separated {kind}, got {value!r}") from None
+            raise
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -567,6 +601,4 @@ def load_config(
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    from kdlora.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -8,13 +8,14 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from kdlora.config import DataArgs
+from kdlora.config import DataArgs, arg
 from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, load_splits
 from kdlora.env import default_device, say
 from kdlora.errors import KdloraError
@@ -22,6 +23,37 @@ from kdlora.io import atomic_write_text, give_default_mode
 from kdlora.metrics import combine_splits, compute_metrics
 from kdlora.models import load_saved
 from kdlora.tasks import Task
+
+
+@dataclass
+class EvaluateArgs:
+    """`kdlora evaluate` (with the data flags of config.DataArgs beside these)."""
+
+    model_dir: str = arg(MISSING, "a run directory (uses its merged/) or a model directory")
+    batch_size: int = arg(64, "examples per evaluation batch")
+    output: str | None = arg(None, "also write the metrics to this JSON file")
+
+
+@dataclass
+class PredictArgs:
+    """`kdlora predict`: a raw file's rows (--input-file, --output-file) or GLUE test-set submissions (--task,
+    --output-dir)."""
+
+    model_dir: str = arg(MISSING, "a run directory (uses its merged/) or a model directory")
+    input_file: str | None = arg(None, "rows to label: .csv, .tsv, .jsonl, .json, .parquet or .txt")
+    output_file: str | None = arg(None, "where the predictions go: .csv or .jsonl")
+    text_columns: list[str] | None = arg(None, "the input's text column(s) (default: the run's, or guessed)")
+    id_column: str | None = arg(None, "an input column copied to the output as id (default: the row number)")
+    task: str | None = arg(None, "GLUE task of the submission mode")
+    data_dir: str | None = arg(None, "GLUE TSV directory of the submission mode")
+    dataset: str = arg("nyu-mll/glue", "the submission mode's dataset without --data-dir")
+    output_dir: str | None = arg(None, "directory for the submission TSV(s)")
+    max_length: int = arg(128, "truncate inputs to this many tokens")
+    batch_size: int = arg(64, "rows per batch")
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.max_length < 8:
+            raise KdloraError("--batch-size must be > 0 and --max-length at least 8")
 
 
 @torch.inference_mode()

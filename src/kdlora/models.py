@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from kdlora.config import ALL_LINEAR, LORA_METHODS, LoraArgs
+from kdlora.env import say
 from kdlora.errors import KdloraError
 from kdlora.rundir import model_dir
 from kdlora.tasks import Task
@@ -218,7 +219,6 @@ def check_model(
 ) -> None:
     """Build `name` as `method` would, on the meta device (no weights read), and load its tokenizer: a bad checkpoint,
     LoRA target, student layer or tokenizer fails in seconds. Says so when --max-length is longer than the model."""
-    from kdlora.env import say
 
     model, _ = build_model(name, task, method, lora, layers=layers, trust_remote_code=trust_remote_code, weights=False)
     if gradient_checkpointing:

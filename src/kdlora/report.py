@@ -15,17 +15,36 @@ import os
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlora.config import DISTILLED, LORA_METHODS, METHODS
+from kdlora.config import DISTILLED, LORA_METHODS, METHODS, LoraArgs, arg
 from kdlora.curve import budget_of, write_curve
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_text
+from kdlora.io import atomic_write_bytes, atomic_write_text
+from kdlora.models import build_model, count_parameters, deployed_parameters
 from kdlora.rundir import CHECKPOINT, CONFIG, merged_dir, read_config, read_inference, read_run, result_config
+from kdlora.tasks import task_of_model
 
 RANKS = (8, 16, 32, 64)
+
+
+@dataclass
+class ReportArgs:
+    """`kdlora report`."""
+
+    runs_dir: str = arg(
+        MISSING, "directory searched for run directories (train, demo, compare or sweep outputs)", positional=True
+    )
+    top_k: int = arg(6, "configs in the median when a task and method has several")
+    task: str | None = arg(None, "task of Table 2 and Figure 2 (default cola when present)")
+    output_dir: str | None = arg(None, "write the report here instead of into RUNS_DIR")
+    quiet: bool = arg(False, "print nothing but errors")
+
+    def __post_init__(self) -> None:
+        if self.top_k <= 0:
+            raise KdloraError(f"--top-k must be > 0, got {self.top_k}")
 
 
 @dataclass
@@ -196,10 +215,6 @@ def averages(cells: dict[tuple[str, str], Cell]) -> tuple[list[str], dict[str, C
 
 
 def rank_counts(run: Run, ranks: Sequence[int] = RANKS) -> list[dict[str, Any]]:
-    from kdlora.config import LoraArgs
-    from kdlora.models import build_model, count_parameters, deployed_parameters
-    from kdlora.tasks import task_of_model
-
     rows = []
     targets = run.config.get("lora", {}).get("target_modules")
     for rank in ranks if run.method in LORA_METHODS else [None]:
@@ -495,7 +510,6 @@ def _save_png(fig: Any, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    from kdlora.io import atomic_write_bytes
 
     atomic_write_bytes(path, buf.getvalue())
 

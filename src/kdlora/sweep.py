@@ -27,11 +27,12 @@ from typing import Any
 
 import yaml
 
-from kdlora.config import DISTILLED, SECTIONS, RunConfig, build_config
+from kdlora.config import DISTILLED, SECTIONS, RunConfig, arg, build_config
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_json, atomic_write_text
 from kdlora.report import median_top_k
 from kdlora.rundir import read_run, result_config, same_config
+from kdlora.train import ensure_teacher, run
 
 # The paper's search spaces, as 25 (FFT) and 24 (LoRA, KD-LoRA) points; the paper does not list its points.
 # FFT: lr over 2e-5..5e-5 matters most for full fine-tuning, so it gets five evenly spaced levels, each crossed with
@@ -100,12 +101,12 @@ def read_yaml_any(path: str) -> Any:
 @dataclass
 class SweepArgs:
     base: dict[str, dict[str, Any]]  # the base config's sections (YAML file + train flags)
-    grid: str = "paper"
-    storage: str | None = None  # SQLAlchemy URL; None: SQLite in the output directory
-    study_name: str | None = None
-    top_k: int = 6
-    max_trials: int | None = None  # this worker stops after this many trials
-    retry_failed: bool = False  # queue once more each point whose trials all failed with an error
+    grid: str = arg("paper", "'paper' (the paper's grid for --method) or a YAML grid file")
+    storage: str | None = arg(None, "SQLAlchemy URL of the study, e.g. postgresql://user@host/db (default SQLite)")
+    study_name: str | None = arg(None, "default: kdlora-<task>-<method>")
+    top_k: int = arg(6, "summarise by the median of the top k configs (default 6)")
+    max_trials: int | None = arg(None, "this worker stops after N trials")
+    retry_failed: bool = arg(False, "run again the points that failed with an error (once each)")
     points: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -270,8 +271,6 @@ def _waiting(study: Any) -> bool:
 def run_sweep(args: SweepArgs) -> dict[str, Any]:
     import optuna
 
-    from kdlora.train import ensure_teacher
-
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets our own line
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
     base_cfg = build_config(copy.deepcopy(args.base))
@@ -352,8 +351,6 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig) -> dict[str, Any]:
-    from kdlora.train import run
-
     return run(cfg)
 
 
