@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_text
+from kdlora.io import atomic_write_text, load_yaml
 from kdlora.losses import TERMS
 from kdlora.tasks import get_task, glue_name, metric_name
 
@@ -584,10 +584,7 @@ def read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise KdloraError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise KdloraError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = load_yaml(path, "config file") or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
         raise KdloraError(f"config file {path} must map sections (model, data, lora, kd, train) to key: value mappings")
     return data

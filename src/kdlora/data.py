@@ -382,11 +382,16 @@ def _custom_label(value: Any, task: Task, label_ids: dict[str, int], split: str,
     return label_ids[key]
 
 
+def hash_examples(h: Any, examples: Sequence[Example]) -> None:
+    """Feed every example's id, texts and label to the hash `h`: the data part of every fingerprint."""
+    for e in examples:
+        h.update(json.dumps([e.id, e.text_a, e.text_b, e.label]).encode())
+
+
 def data_fingerprint(examples: Sequence[Example], task: Task) -> str:
     """sha256 of a split's examples (ids, texts, labels) and the task's label map: which data a model saw."""
     h = hashlib.sha256(json.dumps([task.name, task.labels, task.text_columns]).encode())
-    for e in examples:
-        h.update(json.dumps([e.id, e.text_a, e.text_b, e.label]).encode())
+    hash_examples(h, examples)
     return h.hexdigest()
 
 

@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import os
 import resource
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (its start time in /proc, Linux), or None where that cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int | None, start: str | None = None) -> bool:
+    """Whether process `pid` on this host still runs (one we may not signal counts as running); given its recorded
+    start time, a reused pid that belongs to another process does not count."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or process_start(pid) in (None, start)
 
 
 def distributed_cpu() -> bool:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ from kdlora.config import DataArgs, arg
 from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, load_splits
 from kdlora.env import default_device, say
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_text, give_default_mode
+from kdlora.io import atomic_file, atomic_write_text
 from kdlora.metrics import combine_splits, compute_metrics
 from kdlora.models import load_saved
 from kdlora.tasks import Task
@@ -124,9 +122,8 @@ class PredictionWriter:
         self.rows = 0
 
     def __enter__(self) -> PredictionWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.file = os.fdopen(fd, "w", newline="")
+        self.opened = atomic_file(self.path, "w", newline="")
+        self.file = self.opened.__enter__()
         if self.path.suffix.lower() == ".csv":
             probs = [] if self.regression else [f"prob_{n}" for n in self.names]
             self.csv = csv.writer(self.file)
@@ -153,13 +150,8 @@ class PredictionWriter:
                 self.file.write(json.dumps(record) + "\n")
         self.rows += len(rows)
 
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        self.file.close()
-        if kind is None:
-            give_default_mode(self.tmp)
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
+    def __exit__(self, *exc: Any) -> None:
+        self.opened.__exit__(*exc)
 
 
 def write_test_predictions(

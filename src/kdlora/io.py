@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+from kdlora.errors import KdloraError
 
 
 def _umask() -> int:
@@ -52,6 +57,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in `path` (a missing file raises OSError); invalid YAML is one line naming `what` and where."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise KdloraError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
+    """A file opened under a temporary name beside `path` and renamed over it when the block ends without an error
+    (removed otherwise): for outputs written in pieces, such as a stream of predictions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        give_default_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

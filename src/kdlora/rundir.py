@@ -27,11 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdlora.config import DISTILLED, RunConfig, build_config, comparable, save_config
+from kdlora.env import process_alive
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_dir, atomic_write_json
+from kdlora.io import atomic_write_dir, atomic_write_json, load_yaml
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -69,8 +68,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any] | None:
 def read_config(run_dir: str | Path) -> dict[str, Any] | None:
     """The run's config as written (nested dicts), or None when there is none or it is not a kdlora config."""
     try:
-        values = yaml.safe_load((Path(run_dir) / CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
+        values = load_yaml(Path(run_dir) / CONFIG, "run config")
+    except (OSError, KdloraError):
         return None
     ok = isinstance(values, dict) and isinstance(values.get("train"), dict) and "method" in values["train"]
     return values if ok else None
@@ -222,15 +221,7 @@ def _lock_holder(path: Path) -> dict[str, Any] | None:
 
 def _alive(holder: dict[str, Any]) -> bool:
     """Whether the lock's process still runs; one on another host is taken to."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return holder.get("host") != socket.gethostname() or process_alive(holder["pid"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kdlora.config import DISTILLED, SECTIONS, RunConfig, arg, build_config
+from kdlora.env import process_alive, process_start
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_json, atomic_write_text
+from kdlora.io import atomic_write_json, atomic_write_text, load_yaml
 from kdlora.report import median_top_k
 from kdlora.rundir import read_run, result_config, same_config
 from kdlora.train import ensure_teacher, run
@@ -92,10 +91,7 @@ def load_grid(grid: str, method: str) -> list[dict[str, Any]]:
 def read_yaml_any(path: str) -> Any:
     if not Path(path).is_file():
         raise KdloraError(f"--grid {path}: no such file (or give --grid paper)")
-    try:
-        return yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise KdloraError(f"grid file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return load_yaml(path, "grid file")
 
 
 @dataclass
@@ -190,25 +186,6 @@ def open_study(name: str, storage: Any, points: list[dict[str, Any]], base_key: 
     return study
 
 
-def _process_start(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int | None, start: str | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or _process_start(pid) in (None, start)  # a reused pid belongs to another process
-
-
 def requeue(study: Any) -> None:
     """Fail the trials of dead workers (this host's at once, others' by heartbeat) and queue every point that has no
     finished, queued or running trial again. A point that failed with an error stays failed."""
@@ -218,7 +195,7 @@ def requeue(study: Any) -> None:
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
-        if attrs.get("host") == host and not _alive(attrs.get("pid"), attrs.get("pid_start")):
+        if attrs.get("host") == host and not process_alive(attrs.get("pid"), attrs.get("pid_start")):
             try:
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
@@ -295,19 +272,12 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
     def objective(trial: Any) -> float:
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("pid_start", _process_start(os.getpid()))
+        trial.set_user_attr("pid_start", process_start(os.getpid()))
         if trial.user_attrs.get("point") is None:  # not from the queue: another worker took the last point first
             trial.set_user_attr("duplicate", True)
             raise optuna.TrialPruned()
         i = trial.suggest_int("point", 0, len(points) - 1)
-        others = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.number != trial.number
-            and point_of(t) == i
-            and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
-        ]
-        if others:  # queued twice by two workers restarting at once: run it once
+        if _taken(study, trial, i):  # queued twice by two workers restarting at once: run it once
             trial.set_user_attr("duplicate", True)
             raise optuna.TrialPruned()
         cfg = point_config(base, points[i], out / "trials" / f"point-{i:03d}")
@@ -348,6 +318,15 @@ def run_sweep(args: SweepArgs) -> dict[str, Any]:
     atomic_write_text(out / "sweep.md", sweep_markdown(summary))
     print(sweep_markdown(summary))
     return summary
+
+
+def _taken(study: Any, trial: Any, point: int) -> bool:
+    """Whether another trial of the study has run or is running `point`."""
+    import optuna
+
+    busy = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False)
+    return any(t.number != trial.number and point_of(t) == point and t.state in busy for t in trials)
 
 
 def _run(cfg: RunConfig) -> dict[str, Any]:

@@ -10,19 +10,17 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from kdlora.data import Collator, Example, TokenizedDataset, eval_batches
+from kdlora.data import Collator, Example, TokenizedDataset, eval_batches, hash_examples
 from kdlora.errors import KdloraError
-from kdlora.io import give_default_mode
+from kdlora.io import atomic_write_bytes
 from kdlora.models import load_masked_lm, load_saved
 from kdlora.rundir import logits_path, merged_dir, read_run
 from kdlora.tasks import Task
@@ -73,8 +71,7 @@ def fingerprint(model_dir: Path, examples: Sequence[Example], task: Task, max_le
     _hash_files(h, model_dir, _TOKENIZER_FILES)
     config = json.loads((model_dir / "config.json").read_text())
     h.update(json.dumps([task.name, config.get("id2label"), max_length], sort_keys=True).encode())
-    for e in examples:
-        h.update(json.dumps([e.id, e.text_a, e.text_b, e.label]).encode())
+    hash_examples(h, examples)
     return h.hexdigest()
 
 
@@ -155,16 +152,8 @@ def teacher_logits(
     logits = _compute(model_dir, examples, task, max_length, batch_size, device or torch.device("cpu"), quiet)
     if not torch.isfinite(logits).all():
         raise KdloraError(f"the teacher in {run_dir} produced non-finite logits; retrain it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary name of its own: two runs distilling from one teacher may write the same cache at once.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"ids": ids, "logits": logits}, tmp, metadata={"fingerprint": fp})
-        give_default_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    # Under a temporary name of its own: two runs distilling from one teacher may write the same cache at once.
+    atomic_write_bytes(path, save({"ids": ids, "logits": logits}, metadata={"fingerprint": fp}))
     return TeacherLogits(ids, logits), False
 
 
