@@ -136,3 +136,33 @@ def test_compare_label_budget_runs_five_arms_from_the_best_teacher(tiny_bert_dir
     capsys.readouterr()
     assert main(argv) == 0  # all reused
     assert capsys.readouterr().out.count("reusing the finished run") == 5
+
+
+def test_transfer_ratio_draws_transfer_rows_per_epoch_and_keeps_every_labelled_row():
+    from kdlora.data import LengthGroupedBatchSampler
+
+    lengths = [(i * 7) % 13 + 1 for i in range(1000)]
+    sampler = LengthGroupedBatchSampler(lengths, 16, seed=1, fixed=100, sampled=200)
+    assert len(sampler) == 19 and sampler.rows == 300  # ceil(300 / 16) batches: the schedule's steps per epoch
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        rows = [i for batch in sampler for i in batch]
+        assert len(rows) == len(set(rows)) == 300 and set(range(100)) <= set(rows)
+        epochs.append(set(rows) - set(range(100)))
+    assert epochs[0] != epochs[1] and all(len(e) == 200 and min(e) >= 100 for e in epochs)
+    sampler.set_epoch(1)
+    assert {i for b in sampler for i in b} - set(range(100)) == epochs[1]  # the draw depends on (seed, epoch) only
+    plain = LengthGroupedBatchSampler(lengths, 16, seed=1)  # without a ratio: every row, the order as before
+    assert len(plain) == 63 and sorted(i for b in plain for i in b) == list(range(1000))
+
+
+def test_a_run_with_transfer_ratio_trains_its_share_of_the_rest(tiny_bert_dir, tiny_glue, tmp_path):
+    out = tmp_path / "kd"
+    argv = ["train", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--task", "cola", "--quiet"]
+    argv += ["--data-dir", str(tiny_glue), "--epochs", "2", "--teacher-epochs", "1", "--batch-size", "8"]
+    argv += ["--label-budget", "24", "--unlabeled-rest", "--transfer-ratio", "1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    m = read_run(out)
+    assert m["num_transfer_examples"] == 72 and m["rows_per_epoch"] == 48
+    assert len(m["train_loss"]) == 2 * 6  # 48 rows in batches of 8, twice

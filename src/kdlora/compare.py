@@ -76,8 +76,10 @@ class CompareArgs:
     quiet: bool = arg(False, "no progress bars")
 
     def __post_init__(self) -> None:
-        if not self.tasks:
+        if not self.tasks or not all(t.strip() for t in self.tasks):
             raise KdloraError("--tasks is empty: give one or more GLUE tasks, e.g. --tasks cola,mrpc")
+        if any("/" in t or "\\" in t or t.strip(".") == "" for t in self.tasks):
+            raise KdloraError(f"--tasks {','.join(self.tasks)}: a task name is a directory name under --output-dir")
         self.tasks = [glue_name(t) or t for t in self.tasks]  # GLUE aliases; another name is the user's data
         if len(set(self.tasks)) != len(self.tasks) or len(set(self.seeds)) != len(self.seeds):
             raise KdloraError("--tasks and --seeds must not repeat an entry")

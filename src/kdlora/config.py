@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,6 +212,7 @@ class DataArgs:
         if self.labels is not None:
             _require(len(self.labels) >= 2, f"labels needs at least two classes, got {self.labels}")
             _require(len(set(self.labels)) == len(self.labels), f"labels {self.labels} repeats a class")
+            _require(all(str(c).strip() for c in self.labels), f"labels {self.labels} has an empty class name")
             _require(self.problem != "regression", "--labels names classes: it does not go with --problem regression")
         if self.metric:
             self.metric = metric_name(self.metric)
@@ -283,6 +285,11 @@ class KDArgs:
     unlabeled_rest: bool = arg(
         False, "transfer set: the training rows that --label-budget leaves out, labels dropped, distilled only"
     )
+    transfer_ratio: float | None = arg(
+        None,
+        "transfer rows per labelled row in each epoch, drawn anew every epoch (default: every transfer row in every "
+        "epoch), so a large transfer set costs its share and not its size",
+    )
     hidden_weight: float = arg(
         0.0,
         "weight of intermediate-layer distillation added to the loss (0: off); the teacher then runs beside the "
@@ -319,6 +326,7 @@ class KDArgs:
             self.teacher_lr = DEFAULT_LR[self.teacher_method]
         _require(self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")
+        _require(self.transfer_ratio is None or self.transfer_ratio > 0, "transfer_ratio must be > 0")
         _require(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
         _require(
             self.hidden_layers is None or (bool(self.hidden_layers) and min(self.hidden_layers) >= 1),
@@ -534,14 +542,19 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 pass
         raise KdloraError(f"{where} must be an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise KdloraError(f"{where} must be a number, got {value!r}")
+        if number is None:
+            raise KdloraError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(number):  # inf and nan only break a later step (or train a model of NaNs)
+            raise KdloraError(f"{where} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

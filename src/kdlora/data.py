@@ -544,21 +544,38 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     Indices are shuffled, cut into mega-batches of `mega` batches, each mega-batch is sorted by length and cut into
     batches, and the batches are shuffled again. Every index appears exactly once per epoch; the order depends only on
     (seed, epoch).
+
+    With `sampled`: the first `fixed` indices (the labelled rows) are in every epoch, and `sampled` of the others (the
+    transfer set) are drawn anew each epoch, so a large transfer set sets the epoch's cost by its share, not its size.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> None:
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50,
+                 fixed: int | None = None, sampled: int | None = None) -> None:  # fmt: skip
         self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega
+        self.fixed, self.sampled = fixed, sampled
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def rows(self) -> int:
+        """Rows per epoch."""
+        return len(self.lengths) if self.sampled is None else self.fixed + self.sampled
+
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        return (self.rows + self.batch_size - 1) // self.batch_size
+
+    def epoch_rows(self, g: torch.Generator) -> list[int]:
+        if self.sampled is None:
+            return list(range(len(self.lengths)))
+        rest = torch.randperm(len(self.lengths) - self.fixed, generator=g)[: self.sampled] + self.fixed
+        return [*range(self.fixed), *rest.tolist()]
 
     def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 10_007 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        rows = self.epoch_rows(g)
+        order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
         size = self.batch_size * self.mega
         batches = []
         for start in range(0, len(order), size):
@@ -597,13 +614,16 @@ def build_loaders(
     eval_batch_size: int,
     seed: int,
     teacher_rows: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    labelled: int | None = None,
+    transfer_per_epoch: int | None = None,
 ) -> Loaders:
-    """The shuffled, length-grouped train loader and one loader per evaluation split. `teacher_rows` looks up the
+    """The shuffled, length-grouped train loader and one loader per evaluation split (with `transfer_per_epoch`,
+    each epoch holds the first `labelled` training rows and that many others drawn anew). `teacher_rows` looks up the
     teacher's logits by example id, so they travel with their example through any shuffling."""
     train_ds = TokenizedDataset(splits["train"], tokenizer, max_length)
     if teacher_rows is not None:
         train_ds.teacher_logits = teacher_rows(train_ds.ids)
-    sampler = LengthGroupedBatchSampler(train_ds.lengths, batch_size, seed)
+    sampler = LengthGroupedBatchSampler(train_ds.lengths, batch_size, seed, fixed=labelled, sampled=transfer_per_epoch)
     # The loader's own generator keeps it from drawing on the global RNG, which drives dropout and is checkpointed.
     train = DataLoader(
         train_ds,

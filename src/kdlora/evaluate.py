@@ -20,6 +20,7 @@ from kdlora.errors import KdloraError
 from kdlora.io import atomic_file, atomic_write_text
 from kdlora.metrics import combine_splits, compute_metrics
 from kdlora.models import load_saved
+from kdlora.rundir import refuse_own_inputs
 from kdlora.tasks import Task
 
 
@@ -183,6 +184,7 @@ def predict_file(
 ) -> int:
     """Predict every row of a raw file (CSV, TSV, JSONL, JSON, Parquet or one text a line) with a saved classifier, in
     input order, a batch at a time: memory stays flat in the file's size. Returns the number of rows written."""
+    refuse_own_inputs(output_file, [("--input-file", input_file), ("--model-dir", model_path)], "--output-file")
     model, tokenizer = load_saved(model_path)
     device = default_device()
     model.to(device).eval()

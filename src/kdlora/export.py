@@ -27,7 +27,7 @@ from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_dir
 from kdlora.metrics import compute_metrics
 from kdlora.models import load_saved
-from kdlora.rundir import is_run, model_dir, read_config
+from kdlora.rundir import is_run, model_dir, read_config, refuse_own_inputs
 
 FORMATS = ("onnx",)
 QUANTIZE = ("none", "fp16", "int8")
@@ -161,6 +161,7 @@ def run_export(args: ExportArgs) -> dict[str, Any]:
 
     require_onnxruntime()
     source = model_dir(args.model_dir)  # a finished run's merged/ or a model directory; else one line
+    refuse_own_inputs(args.output_dir, [("--model-dir", args.model_dir)])
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise KdloraError(f"{out} is not empty: pass --overwrite to replace it")

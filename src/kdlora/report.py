@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import statistics
 from collections import defaultdict
@@ -114,8 +115,9 @@ def find_runs(root: Path) -> tuple[list[Run], list[Path]]:
         if config is None:
             continue  # not a kdlora run's config
         method = config["train"]["method"]
-        if metrics is None:
-            unfinished.append(run_dir)
+        score = metrics.get("score") if metrics is not None else None
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+            unfinished.append(run_dir)  # unfinished, or a record without a numeric score: not counted
             continue
         finished.append(
             Run(

@@ -169,6 +169,40 @@ def check(cfg: RunConfig) -> bool:
     return False
 
 
+def input_paths(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(flag, path) of every local path a run reads: models, the teacher run, the data files and directories."""
+    m, d, kd = cfg.model, cfg.data, cfg.kd
+    named = [("--model", m.name), ("--teacher", m.teacher), ("--teacher-model", m.teacher_model),
+             ("--data-dir", d.data_dir), ("--dataset", d.dataset), ("--train-file", d.train_file),
+             ("--validation-file", d.validation_file), ("--test-file", d.test_file),
+             ("--unlabeled-file", kd.unlabeled_file), ("--augment-mlm", kd.augment_mlm)]  # fmt: skip
+    return [(flag, path) for flag, path in named if path and Path(path).expanduser().exists()]
+
+
+def refuse_own_inputs(
+    out: str | Path, inputs: list[tuple[str, str]], flag: str = "--output-dir", kept: tuple[str, ...] = ()
+) -> None:
+    """The one rule: a command never deletes or writes over a path it reads. Refuse, in one line naming both flags,
+    an output that is an input, holds one, or lies inside one (real paths: links and `..` resolved). `kept`: names
+    in the output that the command leaves as they are (a distilled run's teacher/)."""
+    target = Path(os.path.realpath(Path(out).expanduser()))
+    for name, path in inputs:
+        source = Path(os.path.realpath(Path(path).expanduser()))
+        if any(source == target / k or target / k in source.parents for k in kept):
+            continue
+        if target == source:
+            how = "is"
+        elif target in source.parents:
+            how = "holds"
+        elif source.is_dir() and source in target.parents:
+            how = "lies inside"
+        else:
+            continue
+        raise KdloraError(
+            f"{flag} {out} {how} {name} {path}: a command never writes over what it reads; choose another {flag}"
+        )
+
+
 def clear(cfg: RunConfig) -> None:
     """Empty output_dir for a new run, keeping a kd-lora run's teacher/ (reused when its config matches)."""
     out = Path(cfg.train.output_dir)

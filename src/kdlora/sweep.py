@@ -85,6 +85,8 @@ def load_grid(grid: str, method: str) -> list[dict[str, Any]]:
     points += listed
     if len({json.dumps(p, sort_keys=True) for p in points}) != len(points):
         raise KdloraError(f"grid file {grid} lists a point twice")
+    if not points:
+        raise KdloraError(f"grid file {grid} holds no point to try")
     return points
 
 

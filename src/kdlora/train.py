@@ -64,6 +64,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     metrics record."""
     state = process_state()
     task = preflight(cfg)
+    kept = (rundir.TEACHER,) if cfg.train.method in DISTILLED else ()  # rundir.clear keeps a distilled run's teacher/
+    rundir.refuse_own_inputs(cfg.train.output_dir, rundir.input_paths(cfg), kept=kept)
     with rundir.locked(cfg.train.output_dir) if state.is_main_process else contextlib.nullcontext():
         resume = rundir.check(cfg)
         state.wait_for_everyone()  # all processes have looked before the main one changes anything
@@ -287,9 +289,11 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False)
     params: dict[str, Any] = {**count_parameters(model), "total_params": deployed_parameters(model)}
     if cfg.train.method in LORA_METHODS:  # what LoRA adapts, spelled out: reports group runs by it
         params["lora_target_modules"] = lora_targets(model)
+    transfer, ratio = len(splits["train"]) - labelled, cfg.kd.transfer_ratio
+    per_epoch = min(transfer, round(ratio * labelled)) if ratio and transfer else None
     loaders = build_loaders(
         splits, tokenizer, task, cfg.data.max_length, tc.batch_size, tc.eval_batch_size, tc.seed,
-        logits.rows_for if logits is not None else None,
+        logits.rows_for if logits is not None else None, labelled, per_epoch,
     )  # fmt: skip
     features = FeatureKD.setup(cfg, task, teacher_run, accelerator, model)
     model, optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare_training(
@@ -333,6 +337,9 @@ def finish(built: Built, record: Record) -> dict[str, Any]:
     merged/ with the model card, then metrics.json, which marks the run finished."""
     cfg, parts, out = built.cfg, built.parts, Path(built.cfg.train.output_dir)
     accelerator, task, tc = parts.accelerator, parts.task, cfg.train
+    bad = [n for n, p in parts.trainable.items() if not torch.isfinite(p).all()]
+    if bad:  # never saved as finished: a model of non-finite weights answers nothing
+        raise KdloraError(f"the trained weights are not finite ({bad[0]}): lower --lr; the run is not marked finished")
     memory = peak_memory(accelerator.device)
     metrics = run_record(cfg, task, record, built, memory, accelerator)
     if "test" in built.splits:
@@ -389,6 +396,7 @@ def run_record(
         "platform": platform.platform(),
         "kdlora_version": __version__,
         "num_transfer_examples": len(built.splits["train"]) - built.labelled,
+        "rows_per_epoch": built.parts.sampler.rows,  # fewer with --transfer-ratio: transfer rows drawn per epoch
     }
     if cfg.data.label_budget:  # the draw, recorded: which rows kept their labels is in data_fingerprint
         counts = label_counts(built.splits["train"][: built.labelled], task)

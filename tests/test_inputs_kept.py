@@ -1,0 +1,113 @@
+"""A command never deletes or writes over a path it reads: --overwrite on a teacher run, a model, export's source or
+predict's input is one line and exit 2, and every input is left byte for byte as it was."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from conftest import train_argv
+
+from kdlora.cli import main
+from kdlora.rundir import read_run
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_bert_dir, tiny_glue) -> Path:
+    out = tmp_path_factory.mktemp("kept") / "lora"
+    assert main(train_argv(tiny_glue, out, "--model", str(tiny_bert_dir), "--epochs", "1", "--quiet")) == 0
+    return out
+
+
+def _refused(argv: list[str], capsys, *kept: Path, words: tuple[str, ...]) -> None:
+    before = [_digest(p) for p in kept]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "never writes over what it reads" in err[0] and all(w in err[0] for w in words), err
+    assert [_digest(p) for p in kept] == before
+
+
+def test_train_never_clears_its_teacher_or_its_model(lora_run, tiny_bert_dir, tiny_glue, tmp_path, capsys):
+    kd = ["train", "--method", "kd-lora", "--teacher", str(lora_run), "--student-layers", "0,2", "--task", "cola"]
+    kd += ["--data-dir", str(tiny_glue), "--overwrite", "--quiet"]
+    _refused([*kd, "--output-dir", str(lora_run)], capsys, lora_run, words=("--output-dir", "is --teacher"))
+    # through a link and `..`, and nested either way
+    link = tmp_path / "link"
+    link.symlink_to(lora_run)
+    (tmp_path / "sub").mkdir()
+    _refused([*kd, "--output-dir", str(tmp_path / "sub" / ".." / "link")], capsys, lora_run, words=("is --teacher",))
+    _refused([*kd, "--output-dir", str(lora_run / "merged")], capsys, lora_run, words=("lies inside --teacher",))
+    _refused([*kd, "--output-dir", str(lora_run.parent)], capsys, lora_run, words=("holds --teacher",))
+    model = ["--model", str(tiny_bert_dir), "--overwrite", "--quiet"]
+    argv = train_argv(tiny_glue, tiny_bert_dir, *model)
+    _refused(argv, capsys, tiny_bert_dir, words=("is --model",))
+    _refused(train_argv(tiny_glue, tiny_glue, *model), capsys, tiny_glue, words=("is --data-dir",))
+    assert read_run(lora_run) is not None
+
+
+def test_export_and_predict_never_write_over_their_source(lora_run, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    export = ["export", "--model-dir", str(lora_run), "--overwrite"]
+    _refused([*export, "--output-dir", str(lora_run)], capsys, lora_run, words=("is --model-dir",))
+    _refused([*export, "--output-dir", str(lora_run / "merged")], capsys, lora_run, words=("lies inside",))
+    rows = tmp_path / "rows.txt"
+    rows.write_text("the good cat .\nthe bad dog .\n")
+    predict = ["predict", "--model-dir", str(lora_run), "--input-file", str(rows), "--output-file", str(rows)]
+    _refused(predict, capsys, rows, lora_run, words=("--output-file", "is --input-file"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--lr", "inf"), "train.lr must be a finite number"),
+        (("--lr", "nan"), "train.lr must be a finite number"),
+        (("--temperature", "inf"), "kd.temperature must be a finite number"),
+    ],
+)
+def test_non_finite_settings_are_refused_before_anything_runs(tiny_glue, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_glue, out, "--model", "missing-model", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+def test_empty_lists_and_names_are_refused(tmp_path, tiny_glue, tiny_bert_dir, capsys):
+    compare = ["compare", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--output-dir"]
+    for tasks in ("", "../escape"):
+        assert main([*compare, str(tmp_path / "c"), "--tasks", tasks]) == 2
+        assert "--tasks" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("points: []\n")
+    sweep = train_argv(tiny_glue, tmp_path / "s", "--model", str(tiny_bert_dir), "--grid", str(grid))
+    sweep[0] = "sweep"
+    assert main(sweep) == 2 and "holds no point" in capsys.readouterr().err
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nthe cat .,a\nthe dog .,b\n")
+    own = ["train", "--method", "lora", "--model", str(tiny_bert_dir), "--train-file", str(data)]
+    assert main([*own, "--validation-file", str(data), "--labels", "a,,b", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "empty class name" in capsys.readouterr().err
+
+
+def test_report_counts_a_record_without_a_numeric_score_as_unfinished(lora_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    root = tmp_path / "runs"
+    for i, score in enumerate(("high", None, 12.5)):
+        run = root / f"r{i}"
+        shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("*.safetensors", "adapter"))
+        record = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps({**record, "score": score}))
+    assert main(["report", str(root), "--quiet"]) == 0
+    report = (root / "report.md").read_text()
+    assert "1 finished runs, 2 unfinished" in report and "- r0" in report and "- r1" in report
