@@ -4,9 +4,14 @@ predict's input is one line and exit 2, and every input is left byte for byte as
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import train_argv
 
 from kdlora.cli import main
@@ -111,3 +116,66 @@ def test_report_counts_a_record_without_a_numeric_score_as_unfinished(lora_run, 
     assert main(["report", str(root), "--quiet"]) == 0
     report = (root / "report.md").read_text()
     assert "1 finished runs, 2 unfinished" in report and "- r0" in report and "- r1" in report
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_end_a_run_like_ctrl_c(tmp_path, tiny_bert_dir, tiny_glue, signum):
+    out = tmp_path / "run"
+    argv = [*train_argv(tiny_glue, out, "--model", str(tiny_bert_dir)), "--epochs", "100000", "--save-steps", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdlora", *argv], stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):  # until it holds the lock and trains
+        if (out / "config.yaml").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 128 + signum
+    err = proc.stderr.read()
+    last = err.strip().splitlines()[-1]
+    assert (
+        last == f"kdlora: stopped by {signal.Signals(signum).name}; the run is unfinished (no metrics.json was written)"
+    )
+    assert "\nkdlora: stopped by" in err and "Traceback" not in err  # on a line of its own
+    assert not (out / ".lock").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_damaged_checkpoint_is_found_before_training_resumes(tmp_path, tiny_bert_dir, tiny_glue, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    argv = [*train_argv(tiny_glue, out, "--model", str(tiny_bert_dir)), "--epochs", "2", "--quiet", "--save-steps", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "kdlora", *argv], stderr=subprocess.DEVNULL)
+    for _ in range(2400):  # until the first epoch's end checkpoint is written
+        progress = out / "checkpoint" / "progress.json"
+        if progress.is_file() and json.loads(progress.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    ckpt = out / "checkpoint"
+    good = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def damaged(change, message):
+        for name, data in good.items():
+            (ckpt / name).write_bytes(data)
+        change()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is damaged" in err[0] and message in err[0] and "--overwrite" in err[0], err
+        assert not (out / "metrics.json").exists()
+
+    def drop_history():
+        record = json.loads((ckpt / "progress.json").read_text())
+        (ckpt / "progress.json").write_text(json.dumps({k: v for k, v in record.items() if k != "history"}))
+
+    def other_rank():
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        name = next(n for n in weights if "lora_A" in n)
+        save_file({**weights, name: torch.zeros(weights[name].shape[0] + 1, weights[name].shape[1])},
+                  str(ckpt / "trainable.safetensors"))  # fmt: skip
+
+    damaged(drop_history, "no loss history")
+    damaged(lambda: (ckpt / "best.safetensors").unlink(), "no best weights")
+    damaged(other_rank, "has shape")

@@ -8,7 +8,9 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -452,6 +454,37 @@ def _fail(args: argparse.Namespace, message: str) -> None:
         print(f"kdlora: error: {message}", file=sys.stderr)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is so that it unwinds as on Ctrl-C (the lock released)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _close_bars() -> str:
+    """Close the progress bars still open (so none is redrawn after the last line); the prefix that puts the next
+    line on a line of its own."""
+    from tqdm import tqdm
+
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        bar.close()
+    return "" if bars else "\n"
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """Handle SIGTERM and SIGHUP like SIGINT (a batch system's stop, a closed terminal); returns the handlers they
+    replaced. Only in the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -474,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": _report,
         "export": _export,
     }
+    previous = _stop_on_signals()
     try:
         return commands[args.command](args)
     except KdloraError as exc:
@@ -484,6 +518,19 @@ def main(argv: list[str] | None = None) -> int:
         where = f" while writing {exc.filename}" if exc.filename else ""
         _fail(args, f"{reason}{where}; the run was not marked finished")
         return 2
-    except KeyboardInterrupt:
-        print("kdlora: interrupted; the run is unfinished (no metrics.json was written)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP as Stopped: the lock is released on the way out
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(
+            f"{_close_bars()}kdlora: stopped by {name}; the run is unfinished (no metrics.json was written)",
+            file=sys.stderr,
+        )
+        return 128 + signum
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # safetensors' own error for a write that failed (a full disk)
+            raise
+        _fail(args, f"could not write a safetensors file ({str(exc).splitlines()[0]}); the run was not marked finished")
+        return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

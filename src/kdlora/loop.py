@@ -196,6 +196,9 @@ def restore(out: Path, trainable: dict[str, torch.Tensor], optimizer: Any, sched
     ckpt = load_checkpoint(out)
     if ckpt is None:
         return None
+    damaged = checkpoint_damage(ckpt, trainable)
+    if damaged:
+        raise KdloraError(f"the checkpoint in {checkpoint_dir(out)} is damaged ({damaged}): rerun with --overwrite")
     with torch.no_grad():
         for n, p in trainable.items():
             p.copy_(ckpt.trainable[n])
@@ -207,6 +210,26 @@ def restore(out: Path, trainable: dict[str, torch.Tensor], optimizer: Any, sched
     ckpt.progress.history = {k: history.get(k, [0.0] * steps) for k in keys}
     say(f"resuming {out} at epoch {ckpt.progress.epoch + 1}, batch {ckpt.progress.batches_done}")
     return ckpt
+
+
+def checkpoint_damage(ckpt: Checkpoint, trainable: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a checkpoint for these weights, found before anything resumes (None: nothing)."""
+    progress = ckpt.progress
+    if not isinstance(progress.history, dict) or not isinstance(progress.history.get("train_loss"), list):
+        return "its progress has no loss history"
+    if progress.epochs and (ckpt.best is None or progress.best_epoch is None):
+        return "it has finished epochs but no best weights"
+    for name, weights in (("trainable", ckpt.trainable), ("best", ckpt.best or {})):
+        if weights and set(weights) != set(trainable):
+            return f"its {name} weights are another model's"
+        wrong = [
+            (n, tuple(w.shape), tuple(trainable[n].shape)) for n, w in weights.items() if w.shape != trainable[n].shape
+        ]
+        if wrong:
+            return f"its {name} weight {wrong[0][0]} has shape {wrong[0][1]}, not {wrong[0][2]}"
+    if not {"optimizer", "scheduler"} <= set(ckpt.state):
+        return "its optimizer state is missing"
+    return None
 
 
 def epoch_batches(parts: Parts, epoch: int, progress: Progress, ckpt: Checkpoint | None) -> Any:
