@@ -425,9 +425,10 @@ class RunConfig:
         elif not m.name:
             raise KdloraError(f"{method} needs --model NAME_OR_PATH")
         kd = self.kd
-        # The transfer set and the terms that read the live teacher's features (losses.TERMS) need a teacher.
-        feature_terms = [t.name for t in TERMS if t.needs == "features"]
-        distil_only = ["augment", "unlabeled_file", "unlabeled_rest", *(f"{n}_weight" for n in feature_terms)]
+        # The transfer set and the terms of losses.TERMS that read the teacher and are turned on by a weight of
+        # their own (--<name>-weight) need a teacher.
+        weighted = [f"{t.name}_weight" for t in TERMS if t.needs and f"{t.name}_weight" in KDArgs.__dataclass_fields__]
+        distil_only = ["augment", "unlabeled_file", "unlabeled_rest", *weighted]
         if method not in DISTILLED and any(getattr(kd, name) for name in distil_only):
             flags = ", ".join("--" + name.replace("_", "-") for name in distil_only)
             raise KdloraError(f"{flags} distil from a teacher: {method} has none (use kd-lora or kd-fft)")
