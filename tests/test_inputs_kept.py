@@ -145,7 +145,8 @@ def test_a_damaged_checkpoint_is_found_before_training_resumes(tmp_path, tiny_be
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "run"
-    argv = [*train_argv(tiny_glue, out, "--model", str(tiny_bert_dir)), "--epochs", "2", "--quiet", "--save-steps", "2"]
+    argv = train_argv(tiny_glue, out, "--model", str(tiny_bert_dir), "--quiet", "--save-steps", "2")
+    argv += ["--epochs", "50"]  # killed after its first epoch, long before the end
     proc = subprocess.Popen([sys.executable, "-m", "kdlora", *argv], stderr=subprocess.DEVNULL)
     for _ in range(2400):  # until the first epoch's end checkpoint is written
         progress = out / "checkpoint" / "progress.json"
