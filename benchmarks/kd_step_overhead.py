@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
-    task, tc = get_task("cola"), TrainArgs(method="kd-lora", batch_size=args.batch_size)
+    task, tc = get_task("cola"), TrainArgs(method="kd-lora", batch_size=args.batch_size, lr=2e-3)
     torch.manual_seed(0)
     accelerator = build_accelerator(tc)
     student, tokenizer = build_model(args.teacher, task, "kd-lora", LoraArgs(r=8), layers=layers(args.student_layers))

@@ -103,8 +103,10 @@ def write_glue(root: Path, n_train: int = 96, n_dev: int = 32, seed: int = 0) ->
 
 
 def train_argv(glue: Path, out: Path, *extra: str) -> list[str]:
-    """`kdlora train` arguments for a lora run on CoLA from the fixtures; `extra` adds or overrides flags."""
-    return ["train", "--method", "lora", "--task", "cola", "--data-dir", str(glue), "--output-dir", str(out), *extra]
+    """`kdlora train` arguments for a lora run on CoLA from the fixtures; `extra` adds or overrides flags. The lr is
+    given (tests of --lr auto say so): a range test would only lengthen every other test."""
+    argv = ["train", "--method", "lora", "--task", "cola", "--lr", "2e-3", "--data-dir", str(glue)]
+    return [*argv, "--output-dir", str(out), *extra]
 
 
 @pytest.fixture(scope="session")

@@ -209,7 +209,7 @@ def test_kd_fft_distils_into_every_parameter_of_the_student(tmp_path, fft_run, t
     assert metrics["trainable_params"] == metrics["total_params"] and metrics["lora_params"] == 0
     assert len(metrics["train_loss_kd"]) == len(metrics["train_loss"])
     assert not (tmp_path / "adapter").exists() and "kd-fft" in (tmp_path / "merged" / "README.md").read_text()
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 5e-5
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 2e-3  # train_argv's
 
 
 def test_kd_lora_with_a_transfer_set(tmp_path, fft_run, tiny_glue):

@@ -39,7 +39,8 @@ def compare_argv(tiny_bert_dir: Path, glue: Path, out: Path, *extra: str) -> lis
 
 def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_glue, capsys):
     out = tmp_path / "cmp"
-    assert main(compare_argv(tiny_bert_dir, tiny_glue, out, "--set", "kd-lora.train.lr=5e-3")) == 0
+    lrs = ["--set", "kd-lora.train.lr=5e-3", "--set", "lora.train.lr=1e-3"]
+    assert main(compare_argv(tiny_bert_dir, tiny_glue, out, *lrs)) == 0
     for task in ("cola", "stsb"):
         runs = {arm: out / task / "seed-1" / arm for arm in ARMS}
         metrics = {arm: read_run(d) for arm, d in runs.items()}
@@ -47,7 +48,7 @@ def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_
         configs = {arm: yaml.safe_load((d / "config.yaml").read_text()) for arm, d in runs.items()}
         assert {c["train"]["seed"] for c in configs.values()} == {1}
         assert configs["kd-lora"]["model"]["teacher"] == str(runs["fft"])  # distilled from this seed's fft arm
-        assert configs["kd-lora"]["train"]["lr"] == 5e-3 and configs["lora"]["train"]["lr"] == 5e-4
+        assert configs["kd-lora"]["train"]["lr"] == 5e-3 and configs["lora"]["train"]["lr"] == 1e-3
         assert configs["fft"]["model"]["name"] == configs["lora"]["model"]["name"] == str(tiny_bert_dir)
         # the parent cached the teacher's logits, so the student's process never loaded the teacher
         assert metrics["kd-lora"]["teacher_logits_cached"] is True
@@ -64,7 +65,7 @@ def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_
     # The same command again reuses all six finished arms.
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
     capsys.readouterr()
-    assert main(compare_argv(tiny_bert_dir, tiny_glue, out, "--set", "kd-lora.train.lr=5e-3")) == 0
+    assert main(compare_argv(tiny_bert_dir, tiny_glue, out, *lrs)) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
 
@@ -73,7 +74,7 @@ def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_
     for d in out.glob("*/seed-1/*"):
         (linked / d.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
         (linked / d.relative_to(out)).symlink_to(d.resolve())
-    assert main(compare_argv(tiny_bert_dir, tiny_glue, linked, "--set", "kd-lora.train.lr=5e-3")) == 0
+    assert main(compare_argv(tiny_bert_dir, tiny_glue, linked, *lrs)) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 6
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
 
@@ -114,6 +115,7 @@ def test_compare_on_real_glue_with_minilm(tmp_path, real_glue):
     argv = ["compare", "--tasks", "wnli", "--teacher-model", "all-MiniLM-L6-v2", "--student-layers", "0,2,4"]
     argv += ["--data-dir", str(real_glue), "--output-dir", str(out), "--max-train-samples", "48"]
     argv += ["--max-eval-samples", "32", "--epochs", "1", "--inference-runs", "1", "--quiet"]
+    argv += ["--set", "lora.train.lr=5e-4", "--set", "kd-lora.train.lr=2e-3"]  # a 2-step run: no range test
     assert main(argv) == 0
     metrics = {arm: read_run(out / "wnli" / "seed-42" / arm) for arm in ARMS}
     assert metrics["fft"]["total_params"] == 22_713_986 and metrics["kd-lora"]["total_params"] == 17_390_594

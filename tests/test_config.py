@@ -24,13 +24,13 @@ KD = {"model": {"teacher": "t", "student_layers": [0, 2]}}
 
 def test_default_config_is_the_tuned_one_and_paper_preset_keeps_the_papers():
     cfg = load_config(None, KD)  # kd-lora by default
-    assert cfg.train.method == "kd-lora" and cfg.train.epochs == 5 and cfg.train.lr == 2e-3
+    assert cfg.train.method == "kd-lora" and cfg.train.epochs == 5 and cfg.train.lr == "auto"
     assert cfg.lora.target_modules == ["all-linear"] and cfg.kd.temperature == 1.0 and cfg.kd.alpha == 0.5
     assert cfg.model.student_init == "teacher"
     fft = load_config(None, {"model": {"name": "m"}, "train": {"method": "fft"}})
     assert fft.train.epochs == DEFAULT_EPOCHS["fft"] == 3 and fft.train.lr == 5e-5
     lora = load_config(None, BASE)
-    assert lora.train.epochs == 5 and lora.lora.target_modules == ["all-linear"] and lora.train.lr == 5e-4
+    assert lora.train.epochs == 5 and lora.lora.target_modules == ["all-linear"] and lora.train.lr == "auto"
 
     paper = load_config(None, KD, preset="paper")
     assert paper.lora.target_modules is None and paper.kd.temperature == 2.0 and paper.train.epochs == 3

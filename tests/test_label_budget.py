@@ -111,7 +111,7 @@ def test_teacher_method_lora_trains_a_lora_teacher_first(tiny_bert_dir, tiny_glu
     argv += ["--task", "cola", "--data-dir", str(tiny_glue), "--epochs", "1", "--teacher-epochs", "1", "--quiet"]
     assert main([*argv, "--output-dir", str(out)]) == 0
     teacher = yaml.safe_load((out / "teacher" / "config.yaml").read_text())
-    assert teacher["train"]["method"] == "lora" and teacher["train"]["lr"] == 5e-4  # the lora default
+    assert teacher["train"]["method"] == "lora" and teacher["train"]["lr"] == "auto"  # the lora default
 
 
 def test_compare_label_budget_runs_five_arms_from_the_best_teacher(tiny_bert_dir, tiny_glue, tmp_path, capsys):

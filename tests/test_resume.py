@@ -110,7 +110,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_d
 
     monkeypatch.setattr(kdlora.losses, "task_loss", poisoned)
     out = tmp_path / "run"
-    code = main(_cmd(glue, tiny_bert_dir, out, "--save-steps", "3")[3:])
+    code = main(_cmd(glue, tiny_bert_dir, out, "--save-steps", "3", "--on-collapse", "stop")[3:])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "loss became nan at step 7" in err[0] and "last good checkpoint" in err[0]

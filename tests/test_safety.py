@@ -29,7 +29,7 @@ def test_run_outputs_are_safetensors_json_yaml(tmp_path, tiny_bert_dir, tiny_glu
     args = ["train", "--method", "lora", "--task", "cola", "--model", str(tiny_bert_dir), "--data-dir", str(tiny_glue)]
     assert main([*args, "--epochs", "1", "--quiet", "--output-dir", str(out)]) == 0
     suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
-    assert suffixes <= {".safetensors", ".json", ".yaml", ".txt", ".md", ".jinja"}, suffixes
+    assert suffixes <= {".safetensors", ".json", ".yaml", ".txt", ".md", ".jinja", ".png"}, suffixes
     # Atomic writes go through mkstemp/mkdtemp (0600/0700); the final outputs must carry the usual umask modes.
     import os
 

@@ -49,6 +49,7 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "## Data",
         "",
         *_data_lines(cfg, task, metrics),
+        f"- {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {_lr(metrics)}",
         "",
         f"## Scores (validation, epoch {metrics.get('best_epoch')} of {cfg.train.epochs})",
         "",
@@ -124,6 +125,20 @@ def _data_lines(cfg: RunConfig, task: Task, metrics: dict[str, Any]) -> list[str
         + ", fingerprint sha256 "
         f"{metrics.get('data_fingerprint', '')[:16]}; max length {data.max_length} tokens",
     ]
+
+
+def _lr(metrics: dict[str, Any]) -> str:
+    """The lr and how it was reached: given, or the range test's (--lr auto), and the collapse guard's restarts."""
+    lr, probe = metrics.get("lr"), metrics.get("lr_probe")
+    text = f"lr {lr:.3g}" if isinstance(lr, float) else "lr -"
+    if probe:
+        text += f" (--lr auto: {probe['rule']}, from a {probe['steps']}-step range test"
+        text += (
+            f", clamped to {probe['band'][0]:g}..{probe['band'][1]:g})" if probe["lr"] != probe["suggestion"] else ")"
+        )
+    for r in metrics.get("lr_restarts") or []:
+        text += f"; restarted at {r['to']:.3g} after {r['why']}"
+    return text
 
 
 def _num(value: Any) -> str:

@@ -32,14 +32,23 @@ from kdlora.config import (
     read_yaml,
 )
 from kdlora.data import load_task
-from kdlora.env import is_main_process
+from kdlora.env import is_main_process, say
 from kdlora.errors import KdloraError
-from kdlora.evaluate import EvaluateArgs, PredictArgs, evaluate, predict, predict_file, split_loaders, write_submission
+from kdlora.evaluate import (
+    EvaluateArgs,
+    PredictArgs,
+    constant_notice,
+    evaluate,
+    predict,
+    predict_file,
+    split_loaders,
+    write_submission,
+)
 from kdlora.export import ExportArgs, describe, run_export
 from kdlora.io import atomic_write_json
 from kdlora.models import load_saved
 from kdlora.report import ReportArgs, write_report
-from kdlora.rundir import artefacts, is_run, model_dir, read_config
+from kdlora.rundir import LR_PLOT, artefacts, is_run, model_dir, read_config
 from kdlora.sweep import SweepArgs, run_sweep
 from kdlora.tasks import get_task
 from kdlora.train import run
@@ -175,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with fft, lora or kd-lora")
     _add_train_flags(p)
 
+    p = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test of a run (train's flags) alone: prints the suggestion, draws the curve",
+        description="Runs --lr auto's probe on the run's own model, data and objective, then stops. The run "
+        "directory keeps the result: `kdlora train` with the same flags and --lr auto trains at it without probing.",
+    )
+    _add_train_flags(p)
+
     p = sub.add_parser("demo", help="the offline default: KD-LoRA on CoLA, MiniLM-L6 teacher, 3-layer student")
     p.add_argument(
         "--quick",
@@ -267,6 +284,20 @@ def _train(args: argparse.Namespace, preset: dict[str, dict[str, Any]] | None = 
     return 0
 
 
+def _lr_find(args: argparse.Namespace) -> int:
+    cfg = build_config(_train_values(args))
+    record = run(cfg, probe_only=True)
+    if is_main_process():
+        probe, out = record["lr_probe"], Path(cfg.train.output_dir)
+        clamped = f", clamped to {probe['lr']:.3g} (the {probe['band'][0]:g}..{probe['band'][1]:g} band)"
+        print(
+            f"suggested lr: {probe['suggestion']:.3g}{clamped if probe['lr'] != probe['suggestion'] else ''} "
+            f"({probe['rule']}; {probe['steps']} steps, {probe['seconds']:.0f} s)\n"
+            f"curve: {out / LR_PLOT}; `kdlora train` with these flags and --lr auto trains at it"
+        )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     preset = copy.deepcopy(DEMO)
     if args.quick:
@@ -295,7 +326,17 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         f"trained in {metrics['train_seconds']:.0f} s, peak memory {metrics['peak_memory_mb']:.0f} MB"
     )
 
+    if metrics.get("lr") is not None:
+        restarts = metrics.get("lr_restarts") or []
+        how = "chosen by the range test" if metrics.get("lr_chosen_by") == "auto" else "given"
+        again = f"; lowered {len(restarts)} time(s) after a collapse" if restarts else ""
+        print(f"lr: {metrics['lr']:.3g} ({how}{again})")
     print(f"artefacts: {', '.join(str(p) for p in artefacts(out))}")
+    if metrics.get("collapsed"):
+        print(
+            f"the run ended collapsed: its best epoch predicts one {'value' if 'pearson' in metrics else 'class'}"
+            " at the labels' entropy; try a lower --lr, more --epochs or more labelled rows"
+        )
 
 
 def _eval_data(args: argparse.Namespace) -> Any:
@@ -328,7 +369,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     accelerator = Accelerator()
     loaders = split_loaders(task, tokenizer, data, task.eval_splits, cmd.batch_size)
     loaders = {s: accelerator.prepare(dl) for s, dl in loaders.items()}
-    metrics = {"task": task.name, **evaluate(accelerator.prepare(model), loaders, task, accelerator)}
+    scores, constant = evaluate(accelerator.prepare(model), loaders, task, accelerator)
+    if constant:
+        say(constant_notice(constant, task))
+    metrics = {"task": task.name, **scores}
     print(json.dumps(metrics, indent=2))
     if cmd.output:
         atomic_write_json(cmd.output, metrics)
@@ -498,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
     commands = {
         "train": _train,
+        "lr-find": _lr_find,
         "demo": _demo,
         "evaluate": _evaluate,
         "predict": _predict,

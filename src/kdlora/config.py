@@ -40,7 +40,7 @@ LORA_METHODS = ("lora", "kd-lora")  # train LoRA matrices and the head; the othe
 # methods adapt every linear layer by default and need more passes; on all-MiniLM-L6-v2 LoRA on every linear layer
 # collapses to the majority class on CoLA at 2e-3, while the distilled student, which starts from the fine-tuned
 # teacher's layers, is best there (docs/results.md).
-DEFAULT_LR: dict[str, float] = {"fft": 5e-5, "lora": 5e-4, "kd-lora": 2e-3, "kd-fft": 5e-5}
+DEFAULT_LR: dict[str, float | str] = {"fft": 5e-5, "lora": "auto", "kd-lora": "auto", "kd-fft": 5e-5}
 DEFAULT_EPOCHS: dict[str, int] = {"fft": 3, "lora": 5, "kd-lora": 5, "kd-fft": 3}
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")  # accelerate's log_with names
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer; kdlora leaves out the head, which trains in full
@@ -258,8 +258,8 @@ class KDArgs:
     teacher_method: Literal["fft", "lora"] = arg(
         "fft", "how --teacher-model is fine-tuned: fft (the paper's) or lora (merged; often better with few labels)"
     )
-    teacher_lr: float | None = arg(
-        None, "learning rate of the teacher trained by --teacher-model (default: its method's, 5e-5 for fft)"
+    teacher_lr: float | Literal["auto"] | None = arg(
+        None, "learning rate of the teacher trained by --teacher-model (default: its method's: 5e-5 fft, auto lora)"
     )
     teacher_epochs: int | None = arg(None, "epochs of that teacher (default: its method's, 3 for fft, 5 for lora)")
     no_recompute: bool = arg(False, "fail instead of recomputing when no cached teacher logits match", results=False)
@@ -324,7 +324,7 @@ class KDArgs:
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         if self.teacher_lr is None:
             self.teacher_lr = DEFAULT_LR[self.teacher_method]
-        _require(self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
+        _require(self.teacher_lr == "auto" or self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")
         _require(self.transfer_ratio is None or self.transfer_ratio > 0, "transfer_ratio must be > 0")
         _require(self.hidden_weight >= 0, f"hidden_weight must be >= 0, got {self.hidden_weight}")
@@ -348,8 +348,10 @@ class TrainArgs:
     epochs: int | None = arg(
         None, "passes over the training set (default 3 for fft and kd-fft, 5 for the LoRA methods)"
     )
-    lr: float | None = arg(
-        None, "peak learning rate (default 5e-5 for fft and kd-fft, 5e-4 for lora, 2e-3 for kd-lora)"
+    lr: float | Literal["auto"] | None = arg(
+        None,
+        "peak learning rate, or auto: a short range test on the run's own model, data and objective picks it "
+        "(default auto for lora and kd-lora, 5e-5 for fft and kd-fft)",
     )
     batch_size: int = arg(32, "examples per optimizer step (per process, before accumulation)")
     eval_batch_size: int = arg(64, "examples per evaluation batch")
@@ -373,6 +375,11 @@ class TrainArgs:
     save_steps: int = arg(
         500, "checkpoint every N optimizer steps and at each epoch end (0: epoch ends only)", results=False
     )
+    on_collapse: Literal["retry", "stop"] = arg(
+        "retry",
+        "retry: a run that collapses (one class predicted at the labels' entropy) or whose loss becomes non-finite "
+        "restarts from its initial weights at a quarter of the lr, at most twice; stop: it goes on (or stops) as is",
+    )
     quiet: bool = arg(False, "no progress bars", results=False)
     report_to: list[str] | None = arg(
         None,
@@ -387,7 +394,7 @@ class TrainArgs:
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.method]
         _require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.lr == "auto" or self.lr > 0, f"lr must be > 0 or auto, got {self.lr}")
         _require(self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be > 0")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -509,7 +516,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], where)
+        errors = []
+        for option in inner:  # e.g. float | Literal["auto"]: the first that takes the value
+            try:
+                return _coerce(value, option, where)
+            except KdloraError as exc:
+                errors.append(str(exc))
+        if float in inner and "finite" in errors[inner.index(float)]:
+            raise KdloraError(errors[inner.index(float)])  # a number, but inf or nan: say that
+        kinds = [("a number" if a is float else "one of " + ", ".join(map(str, typing.get_args(a)))) for a in inner]
+        raise KdloraError(f"{where} must be {' or '.join(kinds)}; got {value!r}")
     if origin is Literal:
         if value not in args:
             raise KdloraError(

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from kdlora.config import DataArgs, arg
 from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, load_splits
-from kdlora.env import default_device, say
+from kdlora.env import default_device
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_file, atomic_write_text
 from kdlora.metrics import combine_splits, compute_metrics
@@ -73,19 +73,26 @@ def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Any, regres
     return result
 
 
-def evaluate(model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task, accelerator: Any) -> dict[str, Any]:
-    """Task metrics on every evaluation split, flattened, with the 0-100 `score`."""
-    per_split = {}
+def evaluate(
+    model: torch.nn.Module, loaders: dict[str, DataLoader], task: Task, accelerator: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """Task metrics on every evaluation split, flattened, with the 0-100 `score`; and the splits on which every
+    prediction was the same (a collapsed model, the collapse guard's first sign)."""
+    per_split, constant = {}, []
     for split, loader in loaders.items():
         out = predict(model, loader, accelerator, task.is_regression)
         per_split[split] = compute_metrics(task, out["preds"].numpy(), out["labels"].numpy())
         if len(out["preds"]) > 1 and bool((out["preds"] == out["preds"][0]).all()):
-            # What a learning rate too high for the model looks like: the loss flat at the labels' entropy
-            say(
-                f"every {split} prediction is the same {'value' if task.is_regression else 'class'}: the model "
-                "has collapsed to a constant; a lower --lr usually avoids that"
-            )
-    return combine_splits(task, per_split)
+            constant.append(split)
+    return combine_splits(task, per_split), constant
+
+
+def constant_notice(splits: list[str], task: Task) -> str:
+    # What a learning rate too high for the model looks like: the loss flat at the labels' entropy
+    return (
+        f"every {splits[0]} prediction is the same {'value' if task.is_regression else 'class'}: the model has "
+        "collapsed to a constant; a lower --lr usually avoids that"
+    )
 
 
 def split_loaders(task: Task, tokenizer: Any, data: DataArgs, splits: tuple[str, ...], batch_size: int) -> dict:

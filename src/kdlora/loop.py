@@ -22,9 +22,10 @@ from kdlora.config import KDArgs, TrainArgs
 from kdlora.data import Batch
 from kdlora.env import distributed_cpu, say
 from kdlora.errors import KdloraError
-from kdlora.evaluate import evaluate
+from kdlora.evaluate import constant_notice, evaluate
 from kdlora.features import FeatureKD
 from kdlora.losses import TASK_ONLY, Term, View, active_terms, objective
+from kdlora.lrfind import Collapse, Guard
 from kdlora.rundir import checkpoint_dir
 from kdlora.tasks import Task
 
@@ -146,9 +147,10 @@ class LossLog:
             if not math.isfinite(row[0]):
                 kept = checkpoint_dir(out) if out is not None else None
                 saved = f"; the last good checkpoint is kept in {kept}" if kept is not None and kept.exists() else ""
-                raise KdloraError(
-                    f"the loss became {row[0]} at step {len(self.history['train_loss']) + 1}{saved}: "
-                    "lower --lr, or turn off --mixed-precision"
+                at = len(self.history["train_loss"]) + 1
+                raise Collapse(
+                    f"the loss became {row[0]} at step {at}{saved}: lower --lr, or turn off --mixed-precision",
+                    f"the loss became {row[0]} at step {at}",
                 )
             for key, value in zip(self.history, row, strict=True):
                 self.history[key].append(value)
@@ -178,6 +180,7 @@ class Parts:
     quiet: bool = True
     desc: str = "train"
     on_log: Callable[[dict[str, float], int], None] | None = None  # per optimizer step and per epoch (trackers)
+    guard: Guard | None = None  # judges each epoch for a collapse (and may stop the loop for a restart)
 
 
 @dataclass
@@ -287,7 +290,11 @@ def loop(parts: Parts) -> Record:
         flush()
 
         # Evaluate; keep the best epoch's trainable weights (only they can differ between epochs).
-        result = evaluate(parts.model, parts.eval_loaders, parts.task, accelerator)
+        result, constant = evaluate(parts.model, parts.eval_loaders, parts.task, accelerator)
+        if parts.guard is not None:  # before anything of this epoch is kept: a restart discards the attempt
+            parts.guard.after_epoch(epoch + 1, constant, log.history)
+        if constant:
+            say(constant_notice(constant, parts.task))
         progress.epochs.append({"epoch": epoch + 1, **result})
         report({f"eval_{k}": v for k, v in result.items()} | {"epoch": epoch + 1}, log.steps)
         if not parts.quiet:

@@ -64,6 +64,14 @@ class Run:
         return read_inference(self.path)
 
     @property
+    def lr(self) -> tuple[float | None, str]:
+        """The lr it trained at and how it was reached: auto (the range test), given, or given then lowered by
+        the collapse guard. Runs from before --lr auto recorded it only in their config."""
+        lr = self.metrics.get("lr", self.config.get("train", {}).get("lr"))
+        how = self.metrics.get("lr_chosen_by", "given") + ("+restart" if self.metrics.get("lr_restarts") else "")
+        return (float(lr) if isinstance(lr, (int, float)) else None), how
+
+    @property
     def merged_mb(self) -> float | None:
         """Size of the merged model's weights: as the run recorded it, else as found on disk."""
         if self.metrics.get("merged_mb") is not None:
@@ -284,6 +292,8 @@ def arm_rows(cells: dict[tuple[str, str], Cell]) -> list[dict[str, Any]]:
                     "inference_s": _median([i["median_s"] for i in inference if i]),
                     "speedup_vs_fft": _median(speedups),
                     "train_seconds": _median([r.metrics.get("train_seconds") for r in runs]),
+                    "lr": _median([r.lr[0] for r in runs]),
+                    "lr_chosen_by": "/".join(sorted({r.lr[1] for r in runs})),
                 }
             )
     return rows
@@ -315,7 +325,7 @@ def table1_md(cells: dict[tuple[str, str], Cell]) -> list[str]:
 
 def arms_md(rows: list[dict[str, Any]]) -> list[str]:
     header = ["task", "method", "score", "% FFT", "% LoRA", "trainable", "total", "merged MB", "train MB", "infer s"]
-    header += ["speed-up"]
+    header += ["speed-up", "lr"]
     body = [
         [
             r["task"],
@@ -329,6 +339,9 @@ def arms_md(rows: list[dict[str, Any]]) -> list[str]:
             _f(r["peak_train_memory_mb"], ".0f"),
             _f(r["inference_s"], ".3f"),
             _f(r["speedup_vs_fft"], ".2f"),
+            (f"{r['lr']:.2g}" + ("" if r["lr_chosen_by"] == "given" else f" ({r['lr_chosen_by']})"))
+            if r["lr"] is not None
+            else None,
         ]
         for r in rows
     ]
@@ -629,4 +642,6 @@ def run_row(r: Run, root: Path) -> dict[str, Any]:
         "peak_train_memory_mb": r.metrics.get("peak_memory_mb"),
         "train_seconds": r.metrics.get("train_seconds"),
         "inference_s": inf["median_s"] if inf else None,
+        "lr": r.lr[0],
+        "lr_chosen_by": r.lr[1],
     }

@@ -42,6 +42,8 @@ STUDENT_BASE = "student_base"
 ADAPTER = "adapter"
 MERGED = "merged"
 PREDICTIONS = "predictions.csv"
+LR = "lr.json"  # the lr plan: given or probed (--lr auto), and the collapse guard's restarts
+LR_PLOT = "lr_find.png"  # the range test's curve
 LOGS = "logs"  # --report-to: the trackers' files (TensorBoard event files)
 LOCK = ".lock"
 # What `kdlora report` reads of a run: everything but the weights (the architecture is merged/config.json).
@@ -158,7 +160,7 @@ def check(cfg: RunConfig) -> bool:
             raise KdloraError(f"{out} already holds a finished run: pass --overwrite to replace it")
         if not is_run(out):
             raise KdloraError(f"{out} is not empty and holds no kdlora run: use another --output-dir or --overwrite")
-        if checkpoint_dir(out).is_dir():
+        if checkpoint_dir(out).is_dir() or (out / LR).is_file():  # a probed lr is kept: resumed, never re-probed
             if not same_config(out, cfg):
                 raise KdloraError(
                     f"{out} holds an unfinished run with another config: rerun it as it was to resume, or --overwrite"

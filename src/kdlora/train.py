@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,19 @@ from kdlora.evaluate import write_test_predictions
 from kdlora.features import FeatureKD, attention_plan, hidden_layer_map
 from kdlora.loop import Parts, Record, TrainStep, build_accelerator, build_optimizer, loop, loss_keys, restore
 from kdlora.losses import Term, active_terms
+from kdlora.lrfind import (
+    BANDS,
+    MAX_RESTARTS,
+    RULE,
+    Collapse,
+    Guard,
+    Plan,
+    Probe,
+    plot,
+    prior_loss,
+    probe_steps,
+    range_test,
+)
 from kdlora.models import (
     add_lora,
     build_model,
@@ -59,9 +73,12 @@ from kdlora.teacher import teacher_logits, teacher_model_dir, transfer_set
 # The paper's three steps
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def run(cfg: RunConfig, probe_only: bool = False) -> dict[str, Any]:
     """`kdlora train`: check everything, hold the output directory, get a teacher when distilling, fit. Returns the
-    metrics record."""
+    metrics record. `probe_only` (`kdlora lr-find`): stop after the lr range test, its plan kept in the run."""
+    if probe_only:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.lr = "auto"
     state = process_state()
     task = preflight(cfg)
     kept = (rundir.TEACHER,) if cfg.train.method in DISTILLED else ()  # rundir.clear keeps a distilled run's teacher/
@@ -76,6 +93,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if cfg.train.method in DISTILLED:
             teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg)
             teacher_model_dir(teacher_run, task)
+        if probe_only:
+            return build(cfg, teacher_run, resume).plan.record()
         return fit(cfg, teacher_run, resume)
 
 
@@ -240,19 +259,38 @@ def build_trained_model(
     return model, tokenizer, source, layers
 
 
+def optimizer_steps(tc: TrainArgs, loaders: Loaders) -> int:
+    return math.ceil(len(loaders.train) / tc.grad_accum_steps) * tc.epochs
+
+
 def prepare_training(
-    tc: TrainArgs, model: Any, loaders: Loaders, accelerator: Any, extra: torch.nn.Module | None
-) -> tuple[Any, Any, Any, Any, dict[str, Any], int]:
-    """AdamW over the model (and `extra`, a module that trains beside it) with a linear warm-up schedule, all of it
-    handed to accelerate. Returns (model, optimizer, scheduler, train loader, eval loaders, optimizer steps)."""
+    tc: TrainArgs, lr: float, model: Any, loaders: Loaders, accelerator: Any, extra: torch.nn.Module | None
+) -> tuple[Any, Any, Any, dict[str, Any], int]:
+    """AdamW over the (prepared) model and `extra`, a module that trains beside it, at `lr` with a linear warm-up
+    schedule, handed to accelerate with the loaders. Returns (optimizer, scheduler, train loader, eval loaders,
+    optimizer steps)."""
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay, extra)
-    total_steps = math.ceil(len(loaders.train) / tc.grad_accum_steps) * tc.epochs
+    optimizer = build_optimizer(model, lr, tc.weight_decay, extra)
+    total_steps = optimizer_steps(tc, loaders)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
+    optimizer, train_loader, scheduler = accelerator.prepare(optimizer, loaders.train, scheduler)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in loaders.eval.items()}
-    return model, optimizer, scheduler, train_loader, eval_loaders, total_steps
+    return optimizer, scheduler, train_loader, eval_loaders, total_steps
+
+
+def lr_plan(cfg: RunConfig, out: Path, resume: bool, probe: Any) -> Plan:
+    """The lr this attempt trains at: a resumed run's plan (no second probe), the given --lr, or the range test's
+    (`probe()`), written to the run directory before the first step."""
+    plan = Plan.load(out) if resume else None
+    if plan is None:
+        if cfg.train.lr == "auto":
+            result = probe()
+            plan = Plan(given="auto", lr=result.lr, probe=result)
+            say(f"lr auto: {result.lr:.3g} ({result.steps}-step range test in {result.seconds:.0f} s; {RULE})")
+        else:
+            plan = Plan(given=cfg.train.lr, lr=float(cfg.train.lr))
+    return plan
 
 
 @dataclass
@@ -270,9 +308,10 @@ class Built:
     params: dict[str, Any]  # parameter counts, the modules LoRA adapts
     teacher: dict[str, Any]  # what the record says of the teacher
     features: FeatureKD | None
+    plan: Plan  # the lr: given, probed or lowered by the collapse guard
 
 
-def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -> Built:
+def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False, plan: Plan | None = None) -> Built:
     """Everything the loop runs, from the config: data, then the teacher's logits (by example id), then the model (the
     teacher is gone before the student loads), loaders, the live teacher for feature terms, optimizer and schedule,
     and a killed run's state restored."""
@@ -296,23 +335,46 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False)
         logits.rows_for if logits is not None else None, labelled, per_epoch,
     )  # fmt: skip
     features = FeatureKD.setup(cfg, task, teacher_run, accelerator, model)
-    model, optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare_training(
-        tc, model, loaders, accelerator, features.projection if features else None
-    )
-    terms = active_terms(cfg.kd, teacher_run is not None)
-    step = TrainStep(
-        model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm, features, terms
-    )
+    extra = features.projection if features else None
+    model = accelerator.prepare(model.to(accelerator.device))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable.update(features.trainable(accelerator) if features else {})  # checkpointed, never saved with the model
+    terms = active_terms(cfg.kd, teacher_run is not None)
+
+    def make_step(optimizer: Any, scheduler: Any) -> TrainStep:
+        return TrainStep(
+            model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm, features, terms
+        )
+
+    def probe() -> Probe:  # --lr auto: the range test on this very model, data and objective
+        return range_test(
+            model, make_step, lambda lr: build_optimizer(model, lr, tc.weight_decay, extra), loaders.train,
+            loaders.sampler, accelerator, trainable, probe_steps(optimizer_steps(tc, loaders)),
+            BANDS["lora" if tc.method in LORA_METHODS else "full"],
+        )  # fmt: skip
+
+    plan = plan or lr_plan(cfg, out, resume, probe)
+    if main:
+        plan.save(out)
+        if plan.probe is not None:
+            plot(plan.probe, out / rundir.LR_PLOT, f"{tc.method} {task.name}: lr range test")
+    accelerator.wait_for_everyone()
+    optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare_training(
+        tc, plan.lr, model, loaders, accelerator, extra
+    )
+    step = make_step(optimizer, scheduler)
     keys = loss_keys(terms)
     # A killed run continues where its checkpoint left it: weights, optimizer, schedule, position and RNG.
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
+    prior = prior_loss([e.label for e in splits["train"][:labelled]], task.is_regression)
+    retry = tc.on_collapse == "retry" and len(plan.restarts) < MAX_RESTARTS
+    guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), retry)
     parts = Parts(
         accelerator, model, step, train_loader, loaders.sampler, eval_loaders, trainable, task, tc.epochs,
         total_steps, keys, out, tc.save_steps, ckpt, quiet, f"{tc.method} {task.name}", trackers(cfg, accelerator),
+        guard,
     )  # fmt: skip
-    return Built(cfg, parts, terms, tokenizer, splits, labelled, source, layers, params, teacher, features)
+    return Built(cfg, parts, terms, tokenizer, splits, labelled, source, layers, params, teacher, features, plan)
 
 
 def trackers(cfg: RunConfig, accelerator: Any) -> Any:
@@ -326,10 +388,27 @@ def trackers(cfg: RunConfig, accelerator: Any) -> Any:
 
 
 def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train one run into cfg.train.output_dir and write its outputs; returns the metrics record."""
-    built = build(cfg, teacher_run, resume)
-    reset_peak_memory(built.parts.accelerator.device)  # the peak covers training only: not a teacher before it
-    return finish(built, loop(built.parts))
+    """Train one run into cfg.train.output_dir and write its outputs; returns the metrics record. A run that
+    collapses (or whose loss becomes non-finite) restarts from its initial weights at a lower lr (--on-collapse)."""
+    out, plan = Path(cfg.train.output_dir), None
+    while True:
+        built = build(cfg, teacher_run, resume, plan)
+        reset_peak_memory(built.parts.accelerator.device)  # the peak covers training only: not a teacher before it
+        t0 = time.perf_counter()
+        try:
+            return finish(built, loop(built.parts))
+        except Collapse as collapse:
+            plan = built.plan
+            if cfg.train.on_collapse == "stop" or len(plan.restarts) >= MAX_RESTARTS:
+                raise
+            lower = plan.restart(collapse, time.perf_counter() - t0)
+            say(f"{collapse}: restarting from the initial weights at lr {lower:.3g} "
+                f"(restart {len(plan.restarts)} of at most {MAX_RESTARTS})")  # fmt: skip
+            if built.parts.accelerator.is_main_process:
+                shutil.rmtree(rundir.checkpoint_dir(out), ignore_errors=True)  # the failed attempt's: never resumed
+                plan.save(out)
+            built.parts.accelerator.wait_for_everyone()
+            resume = False
 
 
 def finish(built: Built, record: Record) -> dict[str, Any]:
@@ -401,6 +480,10 @@ def run_record(
     if cfg.data.label_budget:  # the draw, recorded: which rows kept their labels is in data_fingerprint
         counts = label_counts(built.splits["train"][: built.labelled], task)
         metrics["label_budget"] = {"budget": cfg.data.label_budget, "seed": cfg.data.label_seed, "counts": counts}
+    metrics.update(built.plan.record())
+    # The guard's verdict: epochs that ended collapsed (a constant at the prior's loss) with no restart left for them.
+    metrics["collapsed_epochs"] = built.parts.guard.collapsed if built.parts.guard else []
+    metrics["collapsed"] = progress.best_epoch in metrics["collapsed_epochs"]
     metrics.update(built.features.record() if built.features else {})
     metrics.update(built.teacher, num_eval_examples={s: len(dl.dataset) for s, dl in built.parts.eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(built.splits["train"], task)
