@@ -126,7 +126,7 @@ def test_a_collapsed_run_restarts_from_its_initial_weights_at_a_lower_lr(tmp_pat
     assert record["lr"] == 2e-3 and [(r["from"], r["to"], r["epoch"]) for r in record["lr_restarts"]] == [
         (8e-3, 2e-3, 1)
     ]
-    assert not record["collapsed"] and len(record["train_loss"]) == 2 * 6  # the restart's history alone
+    assert len(record["train_loss"]) == 2 * 6  # the restart's history alone
     monkeypatch.undo()
     assert main(_argv(glue, tiny_bert_dir, ref, "--lr", "2e-3")) == 0
     assert json.loads((ref / "metrics.json").read_text())["train_loss"] == record["train_loss"]  # from the start
@@ -190,15 +190,24 @@ def test_a_run_killed_after_a_restart_resumes_at_the_lowered_lr(tmp_path, tiny_b
     assert record["lr"] == 2e-3 and len(record["lr_restarts"]) == 1
 
 
-def test_the_guard_judges_only_constant_epochs_at_the_prior_loss():
-    guard = Guard(prior=math.log(2), key="train_loss_task", steps_per_epoch=60, retry=False)
+def test_the_guard_judges_a_constant_at_the_prior_loss_only_when_it_lasts():
     flat = {"train_loss_task": [math.log(2)] * 60}
     falling = {"train_loss_task": [0.3] * 60}
-    guard.after_epoch(1, [], flat)  # predictions vary: fine
-    guard.after_epoch(2, ["validation"], falling)  # one class, but the loss is falling: still learning
-    guard.after_epoch(3, ["validation"], {"train_loss_task": [math.log(2)] * 10})  # too early to tell
-    assert guard.collapsed == []
-    guard.after_epoch(4, ["validation"], flat)
-    assert guard.collapsed == [4]
-    with pytest.raises(kdlora.lrfind.Collapse, match="epoch 5"):
-        Guard(math.log(2), "train_loss_task", 60, retry=True).after_epoch(5, ["validation"], flat)
+
+    def guard(retry=False, epochs=4):
+        return Guard(prior=math.log(2), key="train_loss_task", steps_per_epoch=60, epochs=epochs, retry=retry)
+
+    slow = guard(retry=True)  # one class after epoch 1, then learning (MiniLM FFT on CoLA): never restarted
+    slow.after_epoch(1, ["validation"], flat)
+    slow.after_epoch(2, [], falling)
+    slow.after_epoch(3, ["validation"], flat)  # after it learnt, a constant epoch is not a collapse
+    assert slow.learnt and slow.collapsed == [1]
+    early = guard(retry=True)
+    early.after_epoch(1, ["validation"], {"train_loss_task": [math.log(2)] * 10})  # too early, and one epoch
+    with pytest.raises(kdlora.lrfind.Collapse, match="epochs 1-2"):  # two of four epochs, every one constant
+        early.after_epoch(2, ["validation"], flat)
+    stays = guard(retry=False, epochs=3)
+    for epoch in (1, 2, 3):
+        stays.after_epoch(epoch, ["validation"], flat)
+    assert stays.collapsed == [1, 2, 3]  # no restart left: recorded, the run says so
+    assert guard().after_epoch(1, ["validation"], falling) is None  # one class, but the loss is falling

@@ -7,10 +7,11 @@ touched: the trainable weights, the torch RNG streams, accelerate's step counter
 exactly as the same run given the chosen lr by hand. (torch-lr-finder drives a step of its own, `criterion(outputs,
 labels)`, which cannot take the teacher's logits or accelerate's accumulation: hence this one.)
 
-The guard: after an epoch, a model that predicts one class (or one value) for every evaluation row while its task loss
-sits at the loss of predicting the labels' prior has collapsed, as a learning rate too high for the model's width
-does (docs/results/paper-scale). The run restarts from its initial weights at the lr divided by RESTART_FACTOR, at
-most MAX_RESTARTS times; a non-finite loss restarts it the same way.
+The guard: a model that predicts one class (or one value) for every evaluation row while its task loss sits at the
+loss of predicting the labels' prior, epoch after epoch (at least two and half of the run), has collapsed, as a
+learning rate too high for the model's width does (docs/results/paper-scale: MCC 0 in all five epochs). The run
+restarts from its initial weights at the lr divided by RESTART_FACTOR, at most MAX_RESTARTS times; a non-finite loss
+restarts it the same way.
 
 The plan (given or probed lr, the curve, the restarts) is kept in the run directory, so a killed run resumes without
 probing again and at the lr it had reached.
@@ -51,7 +52,7 @@ RULE = (
 )
 RESTART_FACTOR = 4.0
 MAX_RESTARTS = 2
-GUARD_MIN_STEPS = 50  # epochs that end before the run's 50th optimizer step are not judged: too early to tell
+GUARD_MIN_STEPS = 50  # a run is not judged before its 50th optimizer step: too early to tell
 PRIOR_SHARE = 0.95  # "at the prior's loss": the last quarter's mean task loss at least this share of it
 
 
@@ -313,23 +314,30 @@ def prior_loss(labels: Sequence[float | int], regression: bool) -> float:
 
 @dataclass
 class Guard:
-    """Judges each epoch (see the module's docstring). `retry`: a collapse raises Collapse for the pipeline to
-    restart; otherwise (or with no restarts left) the run goes on and `collapsed` keeps the epochs that were."""
+    """Judges each epoch (see the module's docstring). An epoch at the prior's loss that predicts one constant is not
+    yet a collapse: a model fine-tuned in full often predicts the majority class after its first epoch and learns in
+    the next (MiniLM on CoLA at 5e-5), and its logits then vary with the input as much as a collapsed model's do. So
+    the run has collapsed when every epoch so far was so, for at least two epochs and half of the run. `retry`:
+    raise Collapse for the pipeline to restart; otherwise the run goes on and `collapsed` keeps those epochs."""
 
     prior: float  # prior_loss of the training labels
     key: str  # the loss log's task-loss key
     steps_per_epoch: int
+    epochs: int  # of the run
     retry: bool
     collapsed: list[int] = field(default_factory=list)
+    learnt: bool = False  # an epoch predicted more than one value, or its loss fell below the prior's
 
     def after_epoch(self, epoch: int, constant: Sequence[str], history: dict[str, list[float]]) -> None:
         losses = history.get(self.key, [])
-        if not constant or len(losses) < GUARD_MIN_STEPS or not math.isfinite(self.prior):
+        if self.learnt or not math.isfinite(self.prior) or not losses:
             return
         tail = losses[-max(1, self.steps_per_epoch // 4) :]
-        if sum(tail) / len(tail) < PRIOR_SHARE * self.prior:
-            return  # one constant epoch while the loss falls: still learning
-        why = f"epoch {epoch}: every {constant[0]} prediction the same, the task loss at the labels' prior"
-        if self.retry:
-            raise Collapse(f"the run collapsed ({why})", why, epoch)
+        if not constant or sum(tail) / len(tail) < PRIOR_SHARE * self.prior:
+            self.learnt = True  # learning: never judged again (the best epoch is kept whatever follows)
+            return
         self.collapsed.append(epoch)
+        if len(self.collapsed) >= max(2, math.ceil(self.epochs / 2)) and len(losses) >= GUARD_MIN_STEPS:
+            why = f"epochs 1-{epoch}: every {constant[0]} prediction the same, the task loss at the labels' prior"
+            if self.retry:
+                raise Collapse(f"the run collapsed ({why})", why, epoch)

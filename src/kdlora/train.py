@@ -368,7 +368,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
     prior = prior_loss([e.label for e in splits["train"][:labelled]], task.is_regression)
     retry = tc.on_collapse == "retry" and len(plan.restarts) < MAX_RESTARTS
-    guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), retry)
+    guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), tc.epochs, retry)
     parts = Parts(
         accelerator, model, step, train_loader, loaders.sampler, eval_loaders, trainable, task, tc.epochs,
         total_steps, keys, out, tc.save_steps, ckpt, quiet, f"{tc.method} {task.name}", trackers(cfg, accelerator),
@@ -481,9 +481,10 @@ def run_record(
         counts = label_counts(built.splits["train"][: built.labelled], task)
         metrics["label_budget"] = {"budget": cfg.data.label_budget, "seed": cfg.data.label_seed, "counts": counts}
     metrics.update(built.plan.record())
-    # The guard's verdict: epochs that ended collapsed (a constant at the prior's loss) with no restart left for them.
+    # The guard's verdict: the epochs from the first on that predicted one constant at the prior's loss; the run
+    # ended collapsed when every epoch did (no restart left, or --on-collapse stop).
     metrics["collapsed_epochs"] = built.parts.guard.collapsed if built.parts.guard else []
-    metrics["collapsed"] = progress.best_epoch in metrics["collapsed_epochs"]
+    metrics["collapsed"] = len(metrics["collapsed_epochs"]) == len(progress.epochs)
     metrics.update(built.features.record() if built.features else {})
     metrics.update(built.teacher, num_eval_examples={s: len(dl.dataset) for s, dl in built.parts.eval_loaders.items()})
     metrics["data_fingerprint"] = data_fingerprint(built.splits["train"], task)
