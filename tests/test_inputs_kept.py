@@ -180,3 +180,24 @@ def test_a_damaged_checkpoint_is_found_before_training_resumes(tmp_path, tiny_be
     damaged(drop_history, "no loss history")
     damaged(lambda: (ckpt / "best.safetensors").unlink(), "no best weights")
     damaged(other_rank, "has shape")
+
+
+def test_a_directory_given_for_a_file_is_named_so(lora_run, tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    predict = ["predict", "--model-dir", str(lora_run), "--input-file", str(folder)]
+    for argv in (["train", "--config", str(folder)], [*predict, "--output-file", str(tmp_path / "p.csv")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{folder} is a directory, not a file" in err[0], err
+
+
+def test_a_failed_write_says_the_run_is_unfinished_only_for_commands_that_make_runs(lora_run, tmp_path, capsys):
+    rows = tmp_path / "rows.txt"
+    rows.write_text("the good cat .\n")
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where predict's output directory would be
+    argv = ["predict", "--model-dir", str(lora_run), "--input-file", str(rows), "--output-file", str(blocked / "p.csv")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not marked finished" not in err[0], err

@@ -486,6 +486,11 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unfinished(args: argparse.Namespace) -> str:
+    """What a failed write leaves: only the commands that train make runs that could look finished."""
+    return "; the run was not marked finished" if args.command in ("train", "demo", "compare", "sweep") else ""
+
+
 def _fail(args: argparse.Namespace, message: str) -> None:
     """One line on stderr; or, in a child run by `kdlora compare`, into the file it named, for it to report."""
     if args.debug:
@@ -561,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions, ...: say what and where, never leave it looking finished
         reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
         where = f" while writing {exc.filename}" if exc.filename else ""
-        _fail(args, f"{reason}{where}; the run was not marked finished")
+        _fail(args, f"{reason}{where}{_unfinished(args)}")
         return 2
     except KeyboardInterrupt as exc:  # SIGINT, and SIGTERM/SIGHUP as Stopped: the lock is released on the way out
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
@@ -574,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if type(exc).__name__ != "SafetensorError":  # safetensors' own error for a write that failed (a full disk)
             raise
-        _fail(args, f"could not write a safetensors file ({str(exc).splitlines()[0]}); the run was not marked finished")
+        _fail(args, f"could not write a safetensors file ({str(exc).splitlines()[0]}){_unfinished(args)}")
         return 2
     finally:
         for signum, handler in previous.items():

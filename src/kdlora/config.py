@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from kdlora.errors import KdloraError
-from kdlora.io import atomic_write_text, load_yaml
+from kdlora.io import atomic_write_text, load_yaml, require_file
 from kdlora.losses import TERMS
 from kdlora.tasks import get_task, glue_name, metric_name
 
@@ -613,9 +613,7 @@ def build_config(values: dict[str, dict[str, Any]], preset: str | None = None) -
 
 
 def read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise KdloraError(f"config file {path} does not exist")
+    path = require_file(path, "config file ")
     data = load_yaml(path, "config file") or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
         raise KdloraError(f"config file {path} must map sections (model, data, lora, kd, train) to key: value mappings")

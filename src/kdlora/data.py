@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdlora.config import DataArgs
 from kdlora.errors import KdloraError
+from kdlora.io import require_file
 from kdlora.losses import IGNORE
 from kdlora.tasks import Task, custom_task, get_task
 
@@ -269,9 +270,7 @@ def _custom_rows(args: DataArgs, split: str) -> tuple[Any, str]:
         path = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}[split]
         if path is None:
             raise KdloraError(f"no --{split}-file was given")
-        p = Path(path)
-        if not p.is_file():
-            raise KdloraError(f"{path} does not exist")
+        p = require_file(path)
         stat = p.stat()
         return read_table(str(p.resolve()), stat.st_mtime_ns, stat.st_size), path
     name = args.validation_split if split == "validation" else split
@@ -652,10 +651,8 @@ def iter_raw_rows(
     """(id, text, second text or None) per row of a CSV/TSV/JSONL/JSON/Parquet file, or per line of a text file.
     The id is the --id-column value, else the row number from 0. Without `text_columns` they are guessed as in
     training (text, sentence, sentence1+sentence2, ...). Every cell is checked as it is read."""
-    path = Path(path)
+    path = require_file(path)
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise KdloraError(f"{path} does not exist")
     if suffix not in RAW_TYPES:
         raise KdloraError(f"{path}: unknown file type '{suffix}'; use {', '.join(RAW_TYPES)}")
     if path.stat().st_size == 0:

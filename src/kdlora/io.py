@@ -59,6 +59,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def require_file(path: str | Path, what: str = "") -> Path:
+    """`path` as a Path when it is a file; else one line saying whether it is missing or a directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise KdloraError(f"{what}{path} is a directory, not a file")
+    if not p.is_file():
+        raise KdloraError(f"{what}{path} does not exist")
+    return p
+
+
 def load_yaml(path: str | Path, what: str) -> Any:
     """The YAML document in `path` (a missing file raises OSError); invalid YAML is one line naming `what` and where."""
     try:
