@@ -201,3 +201,13 @@ def test_a_failed_write_says_the_run_is_unfinished_only_for_commands_that_make_r
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not marked finished" not in err[0], err
+
+
+def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(lora_run, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join('{"text": "the good cat ."}\n' for _ in range(30)) + '{"text": "the bad\n')
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model-dir", str(lora_run), "--input-file", str(rows), "--output-file", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{rows} line 31, column 18: Invalid control character" in err[0], err
+    assert not (tmp_path / "p.csv").exists()

@@ -714,9 +714,14 @@ def _records(path: Path, suffix: str) -> Iterator[Any]:
                 yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
         elif suffix == ".jsonl":
             with path.open(encoding="utf-8-sig") as f:
-                for line in f:
+                for number, line in enumerate(f, 1):
                     if line.strip():
-                        yield json.loads(line)
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as exc:  # its own "line 1" is the line's, not the file's
+                            where = f"{path} line {number}, column {exc.colno}"
+                            raise KdloraError(f"could not read {where}: {exc.msg}") from None
+                        yield record
         elif suffix == ".json":
             records = json.loads(path.read_text(encoding="utf-8-sig"))
             yield from records if isinstance(records, list) else [records]
