@@ -42,6 +42,8 @@ def test_the_rule_takes_the_lr_halfway_down_the_descent_and_the_prior_loss():
     assert suggest(lrs, s) == lrs[i] and 10 < i < s.index(min(s))  # on the descent, well before the lowest point
     flat = [0.69] * 25 + [0.7, 0.9, 2.0, 5.0, 9.0]  # never falls, then diverges: well below where it rises
     assert suggest(lrs, smooth(flat)) == lrs[25] / kdlora.lrfind.EDGE_DIVISOR
+    noisy = [0.7, 0.62, 0.64, 0.7, 0.68, 0.71, 0.69, 0.7] + losses[8:]  # batch noise below the band: not a descent
+    assert suggest(lrs, smooth(noisy), floor=lrs[8]) == suggest(lrs, smooth([0.7] * 8 + losses[8:]), floor=lrs[8])
     assert prior_loss([0, 0, 1, 1], False) == pytest.approx(math.log(2))
     assert prior_loss([1.0, 3.0], True) == 1.0
     with pytest.raises(KdloraError):
@@ -202,10 +204,15 @@ def test_the_guard_judges_a_constant_at_the_prior_loss_only_when_it_lasts():
     slow.after_epoch(2, [], falling)
     slow.after_epoch(3, ["validation"], flat)  # after it learnt, a constant epoch is not a collapse
     assert slow.learnt and slow.collapsed == [1]
+    spiked = {"train_loss_task": [2.0] * 15 + [math.log(2)] * 45}  # above the prior once: the steps were too large
     early = guard(retry=True)
-    early.after_epoch(1, ["validation"], {"train_loss_task": [math.log(2)] * 10})  # too early, and one epoch
+    early.after_epoch(1, ["validation"], {"train_loss_task": [2.0] * 10})  # too early, and one epoch
     with pytest.raises(kdlora.lrfind.Collapse, match="epochs 1-2"):  # two of four epochs, every one constant
-        early.after_epoch(2, ["validation"], flat)
+        early.after_epoch(2, ["validation"], spiked)
+    weak = guard(retry=True)  # at the prior all along: too little training, not too large a step; only recorded
+    weak.after_epoch(1, ["validation"], flat)
+    weak.after_epoch(2, ["validation"], flat)
+    assert weak.collapsed == [1, 2]
     stays = guard(retry=False, epochs=3)
     for epoch in (1, 2, 3):
         stays.after_epoch(epoch, ["validation"], flat)

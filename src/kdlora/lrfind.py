@@ -54,6 +54,7 @@ RESTART_FACTOR = 4.0
 MAX_RESTARTS = 2
 GUARD_MIN_STEPS = 50  # a run is not judged before its 50th optimizer step: too early to tell
 PRIOR_SHARE = 0.95  # "at the prior's loss": the last quarter's mean task loss at least this share of it
+UNSTABLE = 1.1  # a restart needs a quarter epoch whose mean task loss rose this far above the prior's: steps too large
 
 
 class Collapse(KdloraError):
@@ -190,20 +191,22 @@ def smooth(losses: Sequence[float], beta: float = SMOOTHING) -> list[float]:
     return out
 
 
-def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> float:
-    """RULE: the first lr at which the smoothed loss has fallen halfway from its starting plateau (the median of the
-    probe's first tenth) to its lowest value. The lowest point itself lies among the noisy last steps before the loss
-    diverges, and at 768 wide it is where a model collapses (docs/results.md, "Learning rate"): halfway down the
-    descent the loss falls fast and the steps are still safe. A probe whose loss never falls by FLAT (a hard task,
-    a short probe) takes the last lr before the loss rises FLAT above its start, divided by EDGE_DIVISOR."""
+def suggest(lrs: Sequence[float], smoothed: Sequence[float], floor: float = 0.0) -> float:
+    """RULE: the first lr at which the smoothed loss has fallen halfway from its starting plateau to its lowest
+    value. The plateau is the median over the steps below `floor` (the band's lower edge, where steps are too small
+    to move the loss, so it differs only by batch noise; at least the first three steps), and the descent is read
+    above it. The lowest point itself lies among the noisy last steps before the loss diverges, and at 768 wide it is
+    where a model collapses (README, "Learning rate"): halfway down the descent the loss falls fast and the steps are
+    still safe. A probe whose loss never falls by FLAT (a hard task, a short probe) takes the last lr before the
+    loss rises FLAT above its plateau, divided by EDGE_DIVISOR."""
     finite = [(s, i) for i, s in enumerate(smoothed) if math.isfinite(s)]
     if not finite:
         raise KdloraError("the learning-rate probe found no finite loss: give --lr by hand")
-    n = max(3, len(finite) // 10)  # the starting plateau: its first steps' smoothed losses are still raw, noisy
+    n = max(3, sum(1 for _, i in finite if lrs[i] < floor))
     head = sorted(s for s, _ in finite[:n])
     start, low = head[len(head) // 2], min(finite[n:] or finite)[0]
     if len(finite) <= n or start - low < FLAT * start:
-        # No descent to read (a hard task in a short probe): stay well below where the loss starts to diverge.
+        # No descent to read: stay well below where the loss starts to diverge.
         edge = max(i for s, i in finite if s <= start * (1 + FLAT))
         return lrs[edge] / EDGE_DIVISOR
     target = start - DESCENT * (start - low)
@@ -262,7 +265,7 @@ def range_test(
         if scaler is not None:
             accelerator.scaler.load_state_dict(scaler)
     smoothed = smooth(losses)
-    suggestion = suggest(lrs, smoothed)
+    suggestion = suggest(lrs, smoothed, band[0])
     return Probe(lrs, losses, smoothed, suggestion, min(max(suggestion, band[0]), band[1]), band,
                  time.perf_counter() - t0)  # fmt: skip
 
@@ -317,7 +320,9 @@ class Guard:
     """Judges each epoch (see the module's docstring). An epoch at the prior's loss that predicts one constant is not
     yet a collapse: a model fine-tuned in full often predicts the majority class after its first epoch and learns in
     the next (MiniLM on CoLA at 5e-5), and its logits then vary with the input as much as a collapsed model's do. So
-    the run has collapsed when every epoch so far was so, for at least two epochs and half of the run. `retry`:
+    the run has collapsed when every epoch so far was so, for at least two epochs and half of the run, and the loss
+    once rose above the prior's (UNSTABLE): the sign that the steps were too large, so that a lower lr helps. A run
+    that sat at the prior's loss all along (a weak teacher, few steps) is only recorded. `retry`:
     raise Collapse for the pipeline to restart; otherwise the run goes on and `collapsed` keeps those epochs."""
 
     prior: float  # prior_loss of the training labels
@@ -337,6 +342,10 @@ class Guard:
             self.learnt = True  # learning: never judged again (the best epoch is kept whatever follows)
             return
         self.collapsed.append(epoch)
+        window = max(1, self.steps_per_epoch // 4)
+        peak = max(sum(losses[i : i + window]) / len(losses[i : i + window]) for i in range(0, len(losses), window))
+        if peak < UNSTABLE * self.prior:
+            return  # never worse than a constant: too little training, not too large a step (lowering would hurt)
         if len(self.collapsed) >= max(2, math.ceil(self.epochs / 2)) and len(losses) >= GUARD_MIN_STEPS:
             why = f"epochs 1-{epoch}: every {constant[0]} prediction the same, the task loss at the labels' prior"
             if self.retry:
