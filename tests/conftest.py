@@ -109,6 +109,22 @@ def train_argv(glue: Path, out: Path, *extra: str) -> list[str]:
     return [*argv, "--output-dir", str(out), *extra]
 
 
+def poison_task_loss(monkeypatch, at: int) -> dict[str, int]:
+    """Make the `at`-th call of the task loss NaN; returns the call counter (set its "n" to 0 to start again)."""
+    import kdlora.losses
+
+    calls = {"n": 0}
+    real = kdlora.losses.task_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == at else loss
+
+    monkeypatch.setattr(kdlora.losses, "task_loss", poisoned)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def tiny_glue(tmp_path_factory) -> Path:
     return write_glue(tmp_path_factory.mktemp("glue"))

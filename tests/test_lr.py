@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import train_argv, write_glue
+from conftest import poison_task_loss, train_argv, write_glue
 from safetensors.torch import load_file
 
 import kdlora.lrfind
@@ -152,15 +152,7 @@ def _always_collapsed(self, epoch, constant, history):
 
 
 def test_a_non_finite_loss_restarts_or_stops(tmp_path, tiny_bert_dir, glue, monkeypatch, capsys):
-    real = kdlora.losses.task_loss
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(kdlora.losses, "task_loss", poisoned)
+    calls = poison_task_loss(monkeypatch, at=3)
     out = tmp_path / "retry"
     assert main(_argv(glue, tiny_bert_dir, out, "--lr", "1e-3")) == 0
     restarts = json.loads((out / "metrics.json").read_text())["lr_restarts"]

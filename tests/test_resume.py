@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import train_argv, write_glue
+from conftest import poison_task_loss, train_argv, write_glue
 
 from kdlora.cli import main
 
@@ -98,17 +98,7 @@ def test_unfinished_run_with_other_config_or_nothing_to_resume(tmp_path, tiny_be
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_dir, glue, monkeypatch, capsys):
     import torch
 
-    import kdlora.losses
-
-    calls = {"n": 0}
-    real = kdlora.losses.task_loss
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(kdlora.losses, "task_loss", poisoned)
+    poison_task_loss(monkeypatch, at=7)
     out = tmp_path / "run"
     code = main(_cmd(glue, tiny_bert_dir, out, "--save-steps", "3", "--on-collapse", "stop")[3:])
     err = capsys.readouterr().err.strip().splitlines()

@@ -287,8 +287,8 @@ def plot(probe: Probe, path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
-    low = min(s for _, s in finite) if finite else 0.0
-    ax.set_ylim(bottom=min(low, min(probe.losses)) * 0.9, top=max(s for _, s in finite[:1] or [(0, 1.0)]) * 1.6)
+    start = finite[0][1] if finite else 1.0  # the divergence is cut off: the plateau and the descent matter
+    ax.set_ylim(bottom=min([x for x in probe.losses if math.isfinite(x)] or [0.0]) * 0.9, top=start * 1.6)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

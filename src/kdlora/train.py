@@ -281,7 +281,7 @@ def prepare_training(
 
 def lr_plan(cfg: RunConfig, out: Path, resume: bool, probe: Any) -> Plan:
     """The lr this attempt trains at: a resumed run's plan (no second probe), the given --lr, or the range test's
-    (`probe()`), written to the run directory before the first step."""
+    (`probe()`); `build` writes it to the run directory before the first step."""
     plan = Plan.load(out) if resume else None
     if plan is None:
         if cfg.train.lr == "auto":
@@ -353,11 +353,12 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
             BANDS["lora" if tc.method in LORA_METHODS else "full"],
         )  # fmt: skip
 
-    plan = plan or lr_plan(cfg, out, resume, probe)
-    if main:
-        plan.save(out)
-        if plan.probe is not None:
-            plot(plan.probe, out / rundir.LR_PLOT, f"{tc.method} {task.name}: lr range test")
+    if plan is None:  # a restart's plan is the pipeline's, already written
+        plan = lr_plan(cfg, out, resume, probe)
+        if main:
+            plan.save(out)  # rewritten unchanged on a resume: cheap, and the file is the plan
+            if plan.probe is not None and not (out / rundir.LR_PLOT).is_file():
+                plot(plan.probe, out / rundir.LR_PLOT, f"{tc.method} {task.name}: lr range test")
     accelerator.wait_for_everyone()
     optimizer, scheduler, train_loader, eval_loaders, total_steps = prepare_training(
         tc, plan.lr, model, loaders, accelerator, extra
