@@ -21,12 +21,13 @@ from _common import Report
 
 from kdlora.bench import time_passes
 from kdlora.export import ExportArgs, OrtClassifier, run_export
+from kdlora.kinds import CLASSIFICATION
 
 
 def batches(tokenizer, examples, batch_size: int) -> list[dict[str, torch.Tensor]]:
     from kdlora.data import TokenizedDataset, eval_loader
 
-    loader = eval_loader(TokenizedDataset(examples, tokenizer, 128), tokenizer, batch_size, False)
+    loader = eval_loader(TokenizedDataset(examples, tokenizer, 128), tokenizer, batch_size, CLASSIFICATION)
     return [b.inputs for b in loader]
 
 

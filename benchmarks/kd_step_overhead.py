@@ -23,6 +23,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from kdlora.config import DataArgs, KDArgs, LoraArgs, TrainArgs
 from kdlora.data import build_loaders, load_splits
+from kdlora.kinds import CLASSIFICATION
 from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 from kdlora.models import build_model
 from kdlora.tasks import get_task
@@ -43,7 +44,7 @@ def main() -> None:
         optimizer = build_optimizer(model.to(accelerator.device), tc.lr, tc.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10 * args.batches * args.repeats)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        steps[method] = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), False, tc.max_grad_norm)
+        steps[method] = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), CLASSIFICATION, tc.max_grad_norm)
         model.train()
 
     splits = load_splits(DataArgs(task="cola", data_dir=args.data_dir, max_eval_samples=1), ["train", "validation"])

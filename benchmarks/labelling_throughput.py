@@ -24,6 +24,7 @@ from _common import Report, parser
 from kdlora.config import DataArgs
 from kdlora.data import Collator, TokenizedDataset, eval_batches, load_splits, load_task
 from kdlora.env import default_device
+from kdlora.kinds import kind_of
 from kdlora.models import load_saved
 from kdlora.rundir import LOGITS
 from kdlora.teacher import teacher_logits, teacher_model_dir
@@ -55,7 +56,7 @@ def main() -> None:
         start = time.perf_counter()
         model, tokenizer = load_saved(teacher_model_dir(run, task))
         model = model.to(device).eval()
-        dataset, collate = TokenizedDataset(rows, tokenizer, 128), Collator(tokenizer, task.is_regression)
+        dataset, collate = TokenizedDataset(rows, tokenizer, 128), Collator(tokenizer, kind_of(task))
         for batch_idx in eval_batches(dataset.lengths, args.batch_size):
             batch = collate([dataset[i] for i in batch_idx])
             model(**{k: v.to(device) for k, v in batch.inputs.items()}).logits.float().cpu()

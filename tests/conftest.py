@@ -111,17 +111,17 @@ def train_argv(glue: Path, out: Path, *extra: str) -> list[str]:
 
 def poison_task_loss(monkeypatch, at: int) -> dict[str, int]:
     """Make the `at`-th call of the task loss NaN; returns the call counter (set its "n" to 0 to start again)."""
-    import kdlora.losses
+    import kdlora.kinds
 
     calls = {"n": 0}
-    real = kdlora.losses.task_loss
+    real = kdlora.kinds.task_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == at else loss
 
-    monkeypatch.setattr(kdlora.losses, "task_loss", poisoned)
+    monkeypatch.setattr(kdlora.kinds, "task_loss", poisoned)  # what every kind's task loss calls
     return calls
 
 

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from kdlora.config import DataArgs, KDArgs
 from kdlora.data import Collator, Example, LengthGroupedBatchSampler, TokenizedDataset, load_splits, read_glue_tsv
 from kdlora.errors import KdloraError
+from kdlora.kinds import CLASSIFICATION, REGRESSION
 from kdlora.losses import View, active_terms, objective
 from kdlora.tasks import get_task
 
@@ -20,7 +21,7 @@ def test_real_glue_row_counts(real_glue, task):
     assert (len(splits["train"]), len(splits["validation"])) == REAL_COUNTS[task]
     t = get_task(task)
     labels = {e.label for e in splits["train"]}
-    if t.is_regression:
+    if t.kind == "regression":
         assert all(isinstance(v, float) and 0 <= v <= 5 for v in labels)
     else:
         assert labels == set(range(t.num_labels))
@@ -83,7 +84,7 @@ def test_missing_task_files_and_empty_cap(tiny_glue):
 def test_dynamic_padding_pads_to_longest_in_batch(tmp_path):
     tok = make_tokenizer(tmp_path)
     ds = TokenizedDataset([Example(0, "the cat", None, 1), Example(1, "the big red dog runs", None, 0)], tok, 128)
-    batch = Collator(tok, regression=False)([ds[0], ds[1]])
+    batch = Collator(tok, CLASSIFICATION)([ds[0], ds[1]])
     assert batch.inputs["input_ids"].shape == (2, max(ds.lengths)) and max(ds.lengths) < 128
     assert set(batch.inputs) == {"input_ids", "token_type_ids", "attention_mask"}  # model inputs only
     assert batch.ids.tolist() == [0, 1] and batch.labels.tolist() == [1, 0] and batch.teacher_logits is None
@@ -97,16 +98,16 @@ def test_a_batch_of_only_transfer_rows_still_carries_masked_labels(tmp_path, reg
     tok = make_tokenizer(tmp_path)
     teacher = torch.tensor([[0.3, -0.2], [1.0, 0.5]])[:, :1] if regression else torch.tensor([[0.3, -0.2], [1.0, 0.5]])
     ds = TokenizedDataset([Example(0, "the cat", None, None), Example(1, "the dog", None, None)], tok, 16, teacher)
-    batch = Collator(tok, regression=regression)([ds[0], ds[1]])
+    batch = Collator(tok, REGRESSION if regression else CLASSIFICATION)([ds[0], ds[1]])
     assert batch.labels is not None and batch.labels.shape == (2,)
     logits = torch.zeros(2, teacher.shape[1], requires_grad=True)
     view = View(logits, batch.labels, batch.teacher_logits)
-    parts = objective(active_terms(KDArgs(), True), view, KDArgs(), regression=regression)
+    parts = objective(active_terms(KDArgs(), True), view, KDArgs(), REGRESSION if regression else CLASSIFICATION)
     assert parts["task"].item() == 0 and parts["kd"].item() > 0
     parts["total"].backward()
     assert torch.isfinite(logits.grad).all()
     test = TokenizedDataset([Example(0, "the cat", None, None)], tok, 16)  # a test split: no labels, no teacher
-    assert Collator(tok, regression=regression)([test[0]]).labels is None
+    assert Collator(tok, REGRESSION if regression else CLASSIFICATION)([test[0]]).labels is None
 
 
 def test_length_grouped_sampler_yields_every_example_once():
@@ -137,7 +138,7 @@ def test_teacher_logits_stay_with_their_example_under_shuffling(tmp_path):
     cache = TeacherLogits(ids[perm], torch.stack([ids[perm].float(), -ids[perm].float()], dim=1))
     ds.teacher_logits = cache.rows_for(ds.ids)
     loader = DataLoader(
-        ds, batch_sampler=LengthGroupedBatchSampler(ds.lengths, 8, seed=1), collate_fn=Collator(tok, regression=False)
+        ds, batch_sampler=LengthGroupedBatchSampler(ds.lengths, 8, seed=1), collate_fn=Collator(tok, CLASSIFICATION)
     )
     seen = 0
     for batch in loader:

@@ -8,6 +8,7 @@ from accelerate import Accelerator
 
 from kdlora.data import Batch
 from kdlora.evaluate import constant_notice, evaluate
+from kdlora.kinds import Kind, kind_of
 from kdlora.tasks import get_task
 
 
@@ -22,22 +23,22 @@ class Fixed(torch.nn.Module):
         return SimpleNamespace(logits=self.table[input_ids[:, 0]])
 
 
-def _loader(labels: list[float], regression: bool) -> list[Batch]:
+def _loader(labels: list[float], kind: Kind) -> list[Batch]:
     ids = torch.arange(len(labels))
-    y = torch.tensor(labels, dtype=torch.float if regression else torch.long)
+    y = kind.labels_tensor(labels)
     return [Batch({"input_ids": ids[:, None], "attention_mask": torch.ones(len(ids), 1)}, ids, y, None)]
 
 
 @pytest.mark.parametrize("task_name", ["cola", "stsb"])
 def test_a_model_that_predicts_one_constant_is_named_so(task_name):
     task = get_task(task_name)
-    labels = [0.0, 1.0, 1.0, 0.0] if not task.is_regression else [4.0, 0.5, 1.0, 2.5]
-    width = 1 if task.is_regression else 2
+    labels = [0, 1, 1, 0] if task.kind == "classification" else [4.0, 0.5, 1.0, 2.5]
+    width = task.num_labels
     constant = Fixed(torch.tensor([[0.2, 0.9][:width]] * 4))
     varied = Fixed(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.2, 0.8], [0.7, 0.3]])[:, :width])
-    result, same = evaluate(constant, {"validation": _loader(labels, task.is_regression)}, task, Accelerator(cpu=True))
+    result, same = evaluate(constant, {"validation": _loader(labels, kind_of(task))}, task, Accelerator(cpu=True))
     assert result["score"] == 0.0 and same == ["validation"]
-    kind = "value" if task.is_regression else "class"
+    kind = "value" if task.kind == "regression" else "class"
     assert f"every validation prediction is the same {kind}" in constant_notice(same, task)
-    result, same = evaluate(varied, {"validation": _loader(labels, task.is_regression)}, task, Accelerator(cpu=True))
+    result, same = evaluate(varied, {"validation": _loader(labels, kind_of(task))}, task, Accelerator(cpu=True))
     assert result["score"] > 0 and same == []

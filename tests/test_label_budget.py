@@ -14,6 +14,7 @@ from kdlora.cli import main
 from kdlora.config import DataArgs
 from kdlora.data import Collator, Example, TokenizedDataset, label_draw, load_splits, load_task, unlabeled_rest
 from kdlora.errors import KdloraError
+from kdlora.kinds import CLASSIFICATION
 from kdlora.losses import IGNORE, task_loss
 from kdlora.rundir import merged_dir, read_run, student_base_dir
 from kdlora.tasks import get_task
@@ -63,7 +64,7 @@ def test_the_rest_carries_no_label_into_the_task_loss(tiny_glue, tmp_path):
     tokenizer = make_tokenizer(tmp_path / "tok")
     rows = labelled[:4] + rest[:4]
     dataset = TokenizedDataset(rows, tokenizer, 32, teacher_logits=torch.randn(8, 2))
-    batch = Collator(tokenizer, regression=False)([dataset[i] for i in range(8)])
+    batch = Collator(tokenizer, CLASSIFICATION)([dataset[i] for i in range(8)])
     assert torch.equal(batch.labels[4:], torch.full((4,), IGNORE))
     logits = torch.randn(8, 2)
     expected = torch.nn.functional.cross_entropy(logits[:4], torch.tensor([e.label for e in labelled[:4]]))

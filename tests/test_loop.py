@@ -9,6 +9,7 @@ from conftest import make_tokenizer, tiny_bert_config
 from kdlora.cli import main
 from kdlora.config import KDArgs, TrainArgs
 from kdlora.data import Example, build_loaders
+from kdlora.kinds import CLASSIFICATION
 from kdlora.loop import Parts, TrainStep, build_accelerator, build_optimizer, loop, loss_keys
 from kdlora.losses import TASK_ONLY
 from kdlora.rundir import read_run
@@ -28,7 +29,7 @@ def test_loop_runs_parts_it_did_not_build(tmp_path):
     optimizer = build_optimizer(model, 1e-3, 0.0)
     scheduler = get_constant_schedule(optimizer)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, loaders.train, scheduler)
-    step = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), False, 1.0, terms=TASK_ONLY)
+    step = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), CLASSIFICATION, 1.0, terms=TASK_ONLY)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     logged = []

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from kdlora.config import KDArgs
 from kdlora.features import Paired
+from kdlora.kinds import CLASSIFICATION, REGRESSION
 from kdlora.losses import TASK_ONLY, View, active_terms, distillation_loss, kd_loss, regression_kd_loss, task_loss
 
 
@@ -78,14 +79,14 @@ def test_objective_is_the_task_loss_alone_without_a_teacher_and_eq3_with_one():
 
     g = torch.Generator().manual_seed(1)
     s, t, y = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
-    plain = objective(TASK_ONLY, View(s, y), KDArgs())
+    plain = objective(TASK_ONLY, View(s, y), KDArgs(), CLASSIFICATION)
     assert torch.equal(plain["total"], task_loss(s, y, False)) and list(plain) == ["total", "task"]  # no KD part
     kd = KDArgs(alpha=0.3, temperature=4.0)
-    parts = objective(active_terms(kd, True), View(s, y, t), kd)
+    parts = objective(active_terms(kd, True), View(s, y, t), kd, CLASSIFICATION)
     ref = distillation_loss(s, t, y, alpha=0.3, temperature=4.0)
     assert all(torch.equal(parts[k], b) for k, b in zip(("total", "task", "kd"), ref, strict=True))
     assert list(parts) == ["total", "task", "kd"]  # the feature terms are off
-    reg = objective(active_terms(KDArgs(), True), View(s[:, :1], y.float(), t[:, :1]), KDArgs(), regression=True)
+    reg = objective(active_terms(KDArgs(), True), View(s[:, :1], y.float(), t[:, :1]), KDArgs(), REGRESSION)
     assert torch.allclose(reg["kd"], regression_kd_loss(s[:, :1], t[:, :1]))
 
 
@@ -128,8 +129,10 @@ def test_hidden_state_loss_against_a_reference_over_real_tokens():
     logits, teacher, y = torch.randn(3, 2, generator=g), torch.randn(3, 2, generator=g), torch.tensor([0, 1, 1])
     h = hidden_state_loss(s, t, mask)
     kd = KDArgs(hidden_weight=0.25)
-    parts = objective(active_terms(kd, True), View(logits, y, teacher, mask, Paired(s, t, None, None, None)), kd)
-    base = objective(active_terms(KDArgs(), True), View(logits, y, teacher), KDArgs())
+    parts = objective(
+        active_terms(kd, True), View(logits, y, teacher, mask, Paired(s, t, None, None, None)), kd, CLASSIFICATION
+    )
+    base = objective(active_terms(KDArgs(), True), View(logits, y, teacher), KDArgs(), CLASSIFICATION)
     assert torch.allclose(parts["total"], base["total"] + 0.25 * h) and torch.equal(parts["hidden"], h)
 
 
@@ -175,7 +178,9 @@ def test_attention_relation_loss_against_a_reference_over_real_tokens():
     logits, teacher, y = torch.randn(2, 2, generator=g), torch.randn(2, 2, generator=g), torch.tensor([0, 1])
     a = attention_relation_loss(s, t, mask, heads)
     kd = KDArgs(attention_weight=2.0)
-    parts = objective(active_terms(kd, True), View(logits, y, teacher, mask, Paired(None, None, s, t, heads)), kd)
-    base = objective(active_terms(KDArgs(), True), View(logits, y, teacher), KDArgs())
+    parts = objective(
+        active_terms(kd, True), View(logits, y, teacher, mask, Paired(None, None, s, t, heads)), kd, CLASSIFICATION
+    )
+    base = objective(active_terms(KDArgs(), True), View(logits, y, teacher), KDArgs(), CLASSIFICATION)
     assert torch.allclose(parts["total"], base["total"] + 2.0 * a)
     assert torch.equal(parts["attention"], a) and "hidden" not in parts

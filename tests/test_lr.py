@@ -16,7 +16,8 @@ import kdlora.train
 from kdlora.cli import main
 from kdlora.config import TrainArgs, build_config
 from kdlora.errors import KdloraError
-from kdlora.lrfind import Guard, Plan, prior_loss, smooth, suggest
+from kdlora.kinds import CLASSIFICATION, REGRESSION
+from kdlora.lrfind import Guard, Plan, smooth, suggest
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,8 @@ def test_the_rule_takes_the_lr_halfway_down_the_descent_and_the_prior_loss():
     assert suggest(lrs, smooth(flat)) == lrs[25] / kdlora.lrfind.EDGE_DIVISOR
     noisy = [0.7, 0.62, 0.64, 0.7, 0.68, 0.71, 0.69, 0.7] + losses[8:]  # batch noise below the band: not a descent
     assert suggest(lrs, smooth(noisy), floor=lrs[8]) == suggest(lrs, smooth([0.7] * 8 + losses[8:]), floor=lrs[8])
-    assert prior_loss([0, 0, 1, 1], False) == pytest.approx(math.log(2))
-    assert prior_loss([1.0, 3.0], True) == 1.0
+    assert CLASSIFICATION.prior_loss([0, 0, 1, 1]) == pytest.approx(math.log(2))
+    assert REGRESSION.prior_loss([1.0, 3.0]) == 1.0
     with pytest.raises(KdloraError):
         suggest(lrs[:2], [math.nan, math.inf])
 

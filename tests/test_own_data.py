@@ -11,6 +11,7 @@ from kdlora.cli import main
 from kdlora.config import DataArgs
 from kdlora.data import iter_raw_rows, load_splits, load_task
 from kdlora.errors import KdloraError
+from kdlora.kinds import kind_of
 
 
 def _rows(n, seed=0, pair=False, regression=False, labels=("neg", "pos")):
@@ -82,10 +83,10 @@ def test_label_discovery_sorts_and_labels_fix_the_order(tmp_path):
 def test_regression_from_float_labels_and_by_flag(tmp_path):
     args = data(tmp_path, _rows(8, regression=True), _rows(4, regression=True), text_columns=["body"])
     task = load_task(args)
-    assert task.is_regression and task.metric == "pearson_spearman" and task.num_labels == 1
+    assert task.kind == "regression" and task.metric == "pearson_spearman" and task.num_labels == 1
     ints = data(tmp_path, _rows(8, labels=("1", "5")), _rows(4, labels=("1", "5")), ".jsonl", problem="regression")
     ints.text_columns = ["body"]
-    assert load_task(ints).is_regression
+    assert load_task(ints).kind == "regression"
 
 
 def test_pairs_are_guessed_or_named(tmp_path):
@@ -96,13 +97,11 @@ def test_pairs_are_guessed_or_named(tmp_path):
 
 
 def test_metrics_of_own_data(tmp_path):
-    from kdlora.metrics import compute_metrics
-
     task = load_task(data(tmp_path, _rows(6, labels=("a", "b", "c")), _rows(3), text_columns=["body"]))
-    m = compute_metrics(task, [0, 1, 2, 0], [0, 1, 1, 0])
+    m = kind_of(task).metrics(task, [0, 1, 2, 0], [0, 1, 1, 0])
     assert m["accuracy"] == 0.75 and m["score"] == 75.0 and "macro_f1" in m
     task = load_task(data(tmp_path, _rows(6), _rows(3), text_columns=["body"], metric="mcc"))
-    assert set(compute_metrics(task, [0, 1], [0, 1])) == {"accuracy", "macro_f1", "matthews_correlation", "score"}
+    assert set(kind_of(task).metrics(task, [0, 1], [0, 1])) == {"accuracy", "macro_f1", "matthews_correlation", "score"}
 
 
 @pytest.mark.parametrize(

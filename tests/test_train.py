@@ -6,6 +6,7 @@ import torch
 
 from kdlora.config import KDArgs, LoraArgs, TrainArgs
 from kdlora.data import Batch
+from kdlora.kinds import CLASSIFICATION
 from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 from kdlora.models import build_model
 from kdlora.tasks import get_task
@@ -20,7 +21,7 @@ def _step(model_dir, fused: bool = True):
     if not fused:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = TrainStep(model, optimizer, get_constant_schedule(optimizer), accelerator, KDArgs(), False, 1.0)
+    step = TrainStep(model, optimizer, get_constant_schedule(optimizer), accelerator, KDArgs(), CLASSIFICATION, 1.0)
     return model.train(), step
 
 
@@ -97,7 +98,7 @@ def test_attention_relations_read_the_adapted_projections():
     paired = features.pair(Batch(inputs, torch.arange(3), None, None), None, accelerator)
     kd = KDArgs(attention_weight=1)
     view = View(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), None, inputs["attention_mask"], paired)
-    relation = objective([t for t in TERMS if t.name == "attention"], view, kd)["attention"]
+    relation = objective([t for t in TERMS if t.name == "attention"], view, kd, CLASSIFICATION)["attention"]
 
     qkv = list(features.student_qkv.outputs)
     expected = attention_relation_loss(qkv, features.teacher_qkv.outputs, inputs["attention_mask"], 2)

@@ -31,6 +31,7 @@ from kdlora.env import default_device, peak_memory, peak_rss_mb, reset_peak_memo
 from kdlora.errors import KdloraError
 from kdlora.export import OrtClassifier, quantize_int8, require_onnxruntime, to_onnx
 from kdlora.io import atomic_write_json, atomic_write_text
+from kdlora.kinds import kind_of
 from kdlora.loop import TrainStep, build_accelerator, build_optimizer
 from kdlora.models import build_model, count_parameters, deployed_parameters, enable_gradient_checkpointing, merge
 from kdlora.tasks import Task
@@ -153,7 +154,7 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
     optimizer = build_optimizer(model.to(accelerator.device), lr, tc.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, args.train_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    step = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), task.is_regression, tc.max_grad_norm)
+    step = TrainStep(model, optimizer, scheduler, accelerator, KDArgs(), kind_of(task), tc.max_grad_norm)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     if accelerator.device.type == "cuda":  # on CPU the peak is the whole child's: it does nothing else
@@ -205,7 +206,7 @@ def inference_batches(args: BenchArgs, tokenizer: Any) -> list[dict[str, torch.T
     task = load_task(data)
     examples = load_splits(data, [task.eval_splits[0]])[task.eval_splits[0]]
     ds = TokenizedDataset(examples, tokenizer, args.max_length)
-    collate = Collator(tokenizer, task.is_regression)
+    collate = Collator(tokenizer, kind_of(task))
     return [collate([ds[i] for i in idx]).inputs for idx in eval_batches(ds.lengths, args.eval_batch_size)]
 
 

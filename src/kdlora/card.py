@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from kdlora.config import DISTILLED, LORA_METHODS, RunConfig
+from kdlora.kinds import kind_of
 from kdlora.losses import active_terms
 from kdlora.tasks import Task
 
@@ -105,7 +106,7 @@ def _data_lines(cfg: RunConfig, task: Task, metrics: dict[str, Any]) -> list[str
         if data.train_file
         else (f"dataset {data.dataset}" if task.custom else f"GLUE {task.name} ({data.data_dir or data.dataset})")
     )
-    labels = ", ".join(task.label_names) if not task.is_regression else f"a real value ({task.tsv_label})"
+    labels = kind_of(task).describe(task)
     return [
         f"- {where}; text column(s) {', '.join(task.text_columns)}; labels: {labels}",
         f"- {metrics.get('num_train_examples')} training examples"

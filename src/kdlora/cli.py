@@ -46,6 +46,7 @@ from kdlora.evaluate import (
 )
 from kdlora.export import ExportArgs, describe, run_export
 from kdlora.io import atomic_write_json
+from kdlora.kinds import CLASSIFICATION, kind_of, kind_of_model
 from kdlora.models import load_saved
 from kdlora.report import ReportArgs, write_report
 from kdlora.rundir import LR_PLOT, artefacts, is_run, model_dir, read_config
@@ -352,7 +353,7 @@ def _eval_data(args: argparse.Namespace) -> Any:
     )
     if data.custom and not data.labels:
         config = json.loads((model_dir(model) / "config.json").read_text())
-        if config.get("problem_type") != "regression" and config.get("num_labels", 2) > 1:
+        if kind_of_model(config) is CLASSIFICATION:
             data.labels = [str(config["id2label"][str(i)]) for i in range(len(config["id2label"]))]
         else:
             data.problem = "regression"
@@ -394,7 +395,7 @@ def _predict(args: argparse.Namespace) -> int:
     model = accelerator.prepare(model)
     for split, name in zip(task.test_splits, task.submission, strict=True):
         loader = split_loaders(task, tokenizer, data, (split,), cmd.batch_size)[split]
-        out = predict(model, accelerator.prepare(loader), accelerator, task.is_regression)
+        out = predict(model, accelerator.prepare(loader), accelerator, kind_of(task))
         path = Path(cmd.output_dir) / name
         print(f"wrote {write_submission(task, split, out, path)} predictions to {path}")
     return 0

@@ -37,8 +37,7 @@ from kdlora.models import load_saved
 from kdlora.report import write_report
 from kdlora.rundir import merged_dir, read_inference, read_run, same_config, write_inference
 from kdlora.tasks import glue_name
-from kdlora.teacher import teacher_logits
-from kdlora.train import distil_examples
+from kdlora.teacher import distil_examples, teacher_logits
 
 ARMS = ("fft", "lora", "kd-lora")  # the paper's three arms
 TEACHER_ARMS = ("fft", "lora")  # the arms a student can distil from

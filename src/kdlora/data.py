@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from kdlora.config import DataArgs
 from kdlora.errors import KdloraError
 from kdlora.io import require_file
-from kdlora.losses import IGNORE
+from kdlora.kinds import Kind, kind_of, label_key
 from kdlora.tasks import Task, custom_task, get_task
 
 
@@ -40,20 +40,6 @@ class Example:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def _parse_label(raw: str, task: Task, where: str) -> int | float:
-    if task.is_regression:
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise KdloraError(f"{where}: label {raw!r} is not a finite number; {task.name} is a regression task")
-        return value
-    if raw not in task.labels:
-        raise KdloraError(f"{where}: unknown label {raw!r} for {task.name}; expected one of {', '.join(task.labels)}")
-    return task.labels.index(raw)
 
 
 def read_glue_tsv(path: str | Path, task: Task, split: str) -> list[Example]:
@@ -102,7 +88,7 @@ def read_glue_tsv(path: str | Path, task: Task, split: str) -> list[Example]:
                 raise KdloraError(f"{where}: index {cells[id_col]!r} is not an integer") from None
         else:
             ex_id = row
-        label = None if is_test else _parse_label(cells[col[task.tsv_label]], task, where)
+        label = None if is_test else kind_of(task).label(cells[col[task.tsv_label]], task, where)
         examples.append(Example(ex_id, texts[0], texts[1] if len(texts) > 1 else None, label))
     return examples
 
@@ -123,14 +109,8 @@ def _from_hf(rows: Any, task: Task, split: str, text_cols: Sequence[str], source
         label = item.get(label_col) if label_col else None
         if is_test or label is None or label == -1:
             label = None
-        elif isinstance(label, str):
-            label = _parse_label(label, task, f"{source} split '{split}' row {row}")
-        elif task.is_regression:
-            label = float(label)
-        elif not 0 <= int(label) < task.num_labels:
-            raise KdloraError(f"{source} split '{split}' row {row}: label {label} is outside 0..{task.num_labels - 1}")
-        else:
-            label = int(label)
+        else:  # a label as written, or a ClassLabel's class id
+            label = kind_of(task).label(label, task, f"{source} split '{split}' row {row}")
         texts = [item[c] for c in text_cols]
         examples.append(Example(ex_id, texts[0], texts[1] if len(texts) > 1 else None, label))
     return examples
@@ -231,15 +211,6 @@ def load_task(args: DataArgs) -> Task:
     return custom_task(args.task, text_columns, args.label_column, tuple(args.labels or found), args.metric)
 
 
-def label_key(value: Any) -> str:
-    """A label value as the string it is matched and saved by (id2label): 'pos', '3', 'true'."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _label_order(key: str) -> tuple[int, float, str]:
     try:
         return (0, float(key), key)  # numbers in numeric order: 2 before 10
@@ -337,7 +308,6 @@ def _custom_examples(rows: Any, task: Task, args: DataArgs, split: str, source: 
     ]
     _require_columns(rows.column_names, needed, source)
     columns = {c: rows[c] for c in needed}
-    label_ids = {label: i for i, label in enumerate(task.labels)}
     examples, seen = [], set()
     for row in range(len(rows)):
         where = f"{source} row {row + 1}"
@@ -352,7 +322,7 @@ def _custom_examples(rows: Any, task: Task, args: DataArgs, split: str, source: 
             texts.append(value)
         label = columns[task.tsv_label][row] if labelled else None
         if labelled:
-            label = _custom_label(label, task, label_ids, split, where)
+            label = _custom_label(label, task, where)
         key = None
         if args.id_column:
             key = label_key(columns[args.id_column][row])
@@ -363,22 +333,10 @@ def _custom_examples(rows: Any, task: Task, args: DataArgs, split: str, source: 
     return examples
 
 
-def _custom_label(value: Any, task: Task, label_ids: dict[str, int], split: str, where: str) -> int | float:
+def _custom_label(value: Any, task: Task, where: str) -> int | float:
     if value is None:
         raise KdloraError(f"{where}: the label column '{task.tsv_label}' is empty")
-    if task.is_regression:
-        try:
-            target = float(value)
-        except (TypeError, ValueError):
-            target = math.nan
-        if not math.isfinite(target):
-            raise KdloraError(f"{where}: label {value!r} is not a finite number (a regression target)")
-        return target
-    key = label_key(value)
-    if key not in label_ids:
-        seen = "the training split" if split != "train" else "--labels"
-        raise KdloraError(f"{where}: label {key!r} is not among the labels of {seen} ({', '.join(task.labels)})")
-    return label_ids[key]
+    return kind_of(task).label(value, task, where)
 
 
 def hash_examples(h: Any, examples: Sequence[Example]) -> None:
@@ -402,15 +360,7 @@ def label_draw(examples: Sequence[Example], task: Task, budget: int, seed: int) 
         raise KdloraError(
             f"--label-budget {budget} keeps every one of the {len(examples)} training examples: give fewer"
         )
-    if task.is_regression:
-        order = sorted(range(len(examples)), key=lambda i: (examples[i].label, i))
-        strata = [order[k * len(order) // 5 : (k + 1) * len(order) // 5] for k in range(5)]
-    else:
-        by_class: dict[Any, list[int]] = {}
-        for i, e in enumerate(examples):
-            by_class.setdefault(e.label, []).append(i)
-        strata = [by_class[c] for c in sorted(by_class)]
-    strata = [s for s in strata if s]
+    strata = [s for s in kind_of(task).strata([e.label for e in examples]) if s]
     if budget < len(strata):
         raise KdloraError(f"--label-budget {budget} cannot keep one example of each of the {len(strata)} classes")
     # Proportional shares by largest remainder, then at least one from each stratum (taken from the largest).
@@ -510,29 +460,20 @@ class Batch(NamedTuple):
 class Collator:
     """Pad a batch to its own longest sequence (dynamic padding), never to max_length."""
 
-    def __init__(self, tokenizer: Any, regression: bool) -> None:
-        self.tokenizer = tokenizer
-        self.regression = regression
+    def __init__(self, tokenizer: Any, kind: Kind) -> None:
+        self.tokenizer, self.kind = tokenizer, kind
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         inputs = dict(self.tokenizer.pad([it["features"] for it in items], return_tensors="pt"))
         labels = [it["label"] for it in items]
         teacher = torch.stack([it["teacher_logits"] for it in items]) if "teacher_logits" in items[0] else None
-        missing = math.nan if self.regression else IGNORE  # a transfer-set row: no label, distilled only
         # A distillation batch always carries labels, even when every row in it is a transfer row (the loss then
         # masks them all); only an unlabelled split without teacher targets (a test set) has none.
         has_labels = teacher is not None or any(label is not None for label in labels)
         return Batch(
             inputs=inputs,
             ids=torch.tensor([it["id"] for it in items], dtype=torch.long),
-            labels=(
-                torch.tensor(
-                    [missing if y is None else y for y in labels],
-                    dtype=torch.float32 if self.regression else torch.long,
-                )
-                if has_labels
-                else None
-            ),  # fmt: skip
+            labels=self.kind.labels_tensor(labels) if has_labels else None,  # None: a transfer row, distilled only
             teacher_logits=teacher,
         )
 
@@ -590,10 +531,10 @@ def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def eval_loader(dataset: TokenizedDataset, tokenizer: Any, batch_size: int, regression: bool) -> DataLoader:
+def eval_loader(dataset: TokenizedDataset, tokenizer: Any, batch_size: int, kind: Kind) -> DataLoader:
     """Batches of `dataset` in length order, for prediction and evaluation."""
     return DataLoader(
-        dataset, batch_sampler=eval_batches(dataset.lengths, batch_size), collate_fn=Collator(tokenizer, regression)
+        dataset, batch_sampler=eval_batches(dataset.lengths, batch_size), collate_fn=Collator(tokenizer, kind)
     )
 
 
@@ -627,13 +568,11 @@ def build_loaders(
     train = DataLoader(
         train_ds,
         batch_sampler=sampler,
-        collate_fn=Collator(tokenizer, task.is_regression),
+        collate_fn=Collator(tokenizer, kind_of(task)),
         generator=torch.Generator().manual_seed(seed),
     )
     evals = {
-        s: eval_loader(
-            TokenizedDataset(splits[s], tokenizer, max_length), tokenizer, eval_batch_size, task.is_regression
-        )
+        s: eval_loader(TokenizedDataset(splits[s], tokenizer, max_length), tokenizer, eval_batch_size, kind_of(task))
         for s in task.eval_splits
     }
     return Loaders(train, sampler, evals)

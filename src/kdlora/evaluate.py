@@ -18,7 +18,8 @@ from kdlora.data import Example, TokenizedDataset, eval_loader, iter_raw_rows, l
 from kdlora.env import default_device
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_file, atomic_write_text
-from kdlora.metrics import combine_splits, compute_metrics
+from kdlora.kinds import Kind, kind_of, kind_of_model
+from kdlora.metrics import combine_splits
 from kdlora.models import load_saved
 from kdlora.rundir import refuse_own_inputs
 from kdlora.tasks import Task
@@ -56,7 +57,7 @@ class PredictArgs:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Any, regression: bool) -> dict[str, torch.Tensor]:
+def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Any, kind: Kind) -> dict[str, torch.Tensor]:
     """Predictions over a loader: example ids, logits, predicted class (or value), and labels where present."""
     model.eval()
     ids, logits, labels = [], [], []
@@ -67,7 +68,7 @@ def predict(model: torch.nn.Module, loader: DataLoader, accelerator: Any, regres
         if batch.labels is not None:
             labels.append(accelerator.gather_for_metrics(batch.labels).cpu())
     result = {"ids": torch.cat(ids), "logits": torch.cat(logits)}
-    result["preds"] = result["logits"].squeeze(-1) if regression else result["logits"].argmax(-1)
+    result["preds"] = kind.predictions(result["logits"])
     if labels:
         result["labels"] = torch.cat(labels)
     return result
@@ -80,8 +81,8 @@ def evaluate(
     prediction was the same (a collapsed model, the collapse guard's first sign)."""
     per_split, constant = {}, []
     for split, loader in loaders.items():
-        out = predict(model, loader, accelerator, task.is_regression)
-        per_split[split] = compute_metrics(task, out["preds"].numpy(), out["labels"].numpy())
+        out = predict(model, loader, accelerator, kind_of(task))
+        per_split[split] = kind_of(task).metrics(task, out["preds"].numpy(), out["labels"].numpy())
         if len(out["preds"]) > 1 and bool((out["preds"] == out["preds"][0]).all()):
             constant.append(split)
     return combine_splits(task, per_split), constant
@@ -90,7 +91,7 @@ def evaluate(
 def constant_notice(splits: list[str], task: Task) -> str:
     # What a learning rate too high for the model looks like: the loss flat at the labels' entropy
     return (
-        f"every {splits[0]} prediction is the same {'value' if task.is_regression else 'class'}: the model has "
+        f"every {splits[0]} prediction is the same {kind_of(task).one}: the model has "
         "collapsed to a constant; a lower --lr usually avoids that"
     )
 
@@ -99,7 +100,7 @@ def split_loaders(task: Task, tokenizer: Any, data: DataArgs, splits: tuple[str,
     """Evaluation loaders for the named splits of `data`."""
     examples = load_splits(data, splits)
     return {
-        s: eval_loader(TokenizedDataset(ex, tokenizer, data.max_length), tokenizer, batch_size, task.is_regression)
+        s: eval_loader(TokenizedDataset(ex, tokenizer, data.max_length), tokenizer, batch_size, kind_of(task))
         for s, ex in examples.items()
     }
 
@@ -107,10 +108,7 @@ def split_loaders(task: Task, tokenizer: Any, data: DataArgs, splits: tuple[str,
 def write_submission(task: Task, split: str, out: dict[str, torch.Tensor], path: Path) -> int:
     """A GLUE leaderboard file for one test split, rows in example-id order. Returns the number of rows."""
     rows = sorted(zip(out["ids"].tolist(), out["preds"].tolist(), strict=True))
-    if task.is_regression:  # STS-B scores live in [0, 5]
-        lines = [f"{i}\t{min(max(p, 0.0), 5.0):.3f}" for i, p in rows]
-    else:
-        lines = [f"{i}\t{task.labels[int(p)]}" for i, p in rows]
+    lines = [f"{i}\t{kind_of(task).submission(task, p)}" for i, p in rows]
     atomic_write_text(path, "index\tprediction\n" + "\n".join(lines) + "\n")
     return len(lines)
 
@@ -123,8 +121,8 @@ class PredictionWriter:
     """Rows of predictions to a .csv (id, label, prob_<label>...; or id, prediction) or .jsonl file, written beside
     it under a temporary name and renamed into place only when complete."""
 
-    def __init__(self, path: str | Path, label_names: Sequence[str], regression: bool) -> None:
-        self.path, self.names, self.regression = Path(path), list(label_names), regression
+    def __init__(self, path: str | Path, label_names: Sequence[str], kind: Kind) -> None:
+        self.path, self.names, self.kind = Path(path), list(label_names), kind
         if self.path.suffix.lower() not in (".csv", ".jsonl"):
             raise KdloraError(f"{self.path}: write predictions to a .csv or .jsonl file")
         self.rows = 0
@@ -133,29 +131,18 @@ class PredictionWriter:
         self.opened = atomic_file(self.path, "w", newline="")
         self.file = self.opened.__enter__()
         if self.path.suffix.lower() == ".csv":
-            probs = [] if self.regression else [f"prob_{n}" for n in self.names]
             self.csv = csv.writer(self.file)
-            self.csv.writerow(["id", "prediction"] if self.regression else ["id", "label", *probs])
+            self.csv.writerow(self.kind.columns(self.names))
         return self
 
     def write(self, keys: Sequence[str], logits: torch.Tensor) -> None:
         """One row per key: the predicted label and the class probabilities (or the predicted value)."""
-        logits = logits.float()
-        if self.regression:
-            values = logits.squeeze(-1).tolist()
-            rows = [[k, round(v, 6)] for k, v in zip(keys, values, strict=True)]
-        else:
-            probs = logits.softmax(-1).tolist()
-            rows = [[k, self.names[max(range(len(p)), key=p.__getitem__)], *(round(x, 6) for x in p)]
-                    for k, p in zip(keys, probs, strict=True)]  # fmt: skip
+        rows = self.kind.rows(keys, logits, self.names)
         for row in rows:
             if self.path.suffix.lower() == ".csv":
                 self.csv.writerow(row)
-            elif self.regression:
-                self.file.write(json.dumps({"id": row[0], "prediction": row[1]}) + "\n")
             else:
-                record = {"id": row[0], "label": row[1], "probabilities": dict(zip(self.names, row[2:], strict=True))}
-                self.file.write(json.dumps(record) + "\n")
+                self.file.write(json.dumps(self.kind.record(row, self.names)) + "\n")
         self.rows += len(rows)
 
     def __exit__(self, *exc: Any) -> None:
@@ -168,12 +155,12 @@ def write_test_predictions(
 ) -> int:  # fmt: skip
     """A run's --test-file rows, predicted by the trained model, in the file's order. Returns the number of rows."""
     dataset = TokenizedDataset(examples, tokenizer, max_length)
-    loader = accelerator.prepare(eval_loader(dataset, tokenizer, batch_size, task.is_regression))
-    out = predict(model, loader, accelerator, task.is_regression)
+    loader = accelerator.prepare(eval_loader(dataset, tokenizer, batch_size, kind_of(task)))
+    out = predict(model, loader, accelerator, kind_of(task))
     by_id = dict(zip(out["ids"].tolist(), out["logits"], strict=True))
     if not accelerator.is_main_process:
         return len(examples)
-    with PredictionWriter(path, task.label_names, task.is_regression) as writer:
+    with PredictionWriter(path, task.label_names, kind_of(task)) as writer:
         keys = [e.key if e.key is not None else str(e.id) for e in examples]
         writer.write(keys, torch.stack([by_id[e.id] for e in examples]))
     return writer.rows
@@ -196,10 +183,9 @@ def predict_file(
     device = default_device()
     model.to(device).eval()
     n = model.config.num_labels
-    regression = model.config.problem_type == "regression" or n == 1
     names = [str(model.config.id2label.get(i, i)) for i in range(n)]
     rows = iter_raw_rows(input_file, text_columns, id_column)
-    with PredictionWriter(output_file, names, regression) as writer:
+    with PredictionWriter(output_file, names, kind_of_model(model.config)) as writer:
         for chunk in _chunks(rows, batch_size):
             keys, texts_a, texts_b = zip(*chunk, strict=True)
             pair = list(texts_b) if texts_b[0] is not None else None

@@ -25,7 +25,7 @@ from kdlora.config import DataArgs, arg, build_section
 from kdlora.data import Example, TokenizedDataset, eval_loader, load_splits, load_task
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_dir
-from kdlora.metrics import compute_metrics
+from kdlora.kinds import kind_of_model
 from kdlora.models import load_saved
 from kdlora.rundir import is_run, model_dir, read_config, refuse_own_inputs
 
@@ -222,8 +222,8 @@ def parity(model: Any, tokenizer: Any, exported: OrtClassifier, examples: list[A
     """The largest logit difference between the PyTorch model and the export, and, where the run's validation data is
     at hand, both models' scores on it."""
 
-    regression = model.config.num_labels == 1
-    loader = eval_loader(TokenizedDataset(examples, tokenizer, 512), tokenizer, args.batch_size, regression)
+    kind = kind_of_model(model.config)
+    loader = eval_loader(TokenizedDataset(examples, tokenizer, 512), tokenizer, args.batch_size, kind)
     diff, ids, ref_logits, exp_logits = 0.0, [], [], []
     for batch in loader:
         ref = model(**batch.inputs).logits.float()
@@ -237,8 +237,7 @@ def parity(model: Any, tokenizer: Any, exported: OrtClassifier, examples: list[A
         labels = np.array([e.label for e in examples])[torch.cat(ids).numpy()]
         for name, logits in (("pytorch", ref_logits), ("exported", exp_logits)):
             logits = torch.cat(logits)
-            preds = logits.squeeze(-1) if regression else logits.argmax(-1)
-            result[f"{name}_score"] = compute_metrics(task, preds.numpy(), labels)["score"]
+            result[f"{name}_score"] = kind.metrics(task, kind.predictions(logits).numpy(), labels)["score"]
         result["score_change"] = result["exported_score"] - result["pytorch_score"]
         result["parity_data"] = "validation"
     else:

@@ -24,6 +24,7 @@ from kdlora.env import distributed_cpu, say
 from kdlora.errors import KdloraError
 from kdlora.evaluate import constant_notice, evaluate
 from kdlora.features import FeatureKD
+from kdlora.kinds import Kind
 from kdlora.losses import TASK_ONLY, Term, View, active_terms, objective
 from kdlora.lrfind import Collapse, Guard
 from kdlora.rundir import checkpoint_dir
@@ -79,11 +80,11 @@ class TrainStep:
     host check. The loop finds the non-finite loss when it moves losses to the host (LossLog.flush) and stops there,
     before any checkpoint."""
 
-    def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, regression: bool,
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, accelerator: Any, kd: KDArgs, kind: Kind,
                  max_grad_norm: float, features: FeatureKD | None = None,
                  terms: Sequence[Term] | None = None) -> None:  # fmt: skip
         self.model, self.optimizer, self.scheduler, self.accelerator = model, optimizer, scheduler, accelerator
-        self.kd, self.regression, self.max_grad_norm, self.features = kd, regression, max_grad_norm, features
+        self.kd, self.kind, self.max_grad_norm, self.features = kd, kind, max_grad_norm, features
         self.terms = tuple(terms) if terms is not None else None
         projection = features.projection if features is not None else None
         self.params = [*model.parameters(), *(projection.parameters() if projection is not None else [])]
@@ -103,7 +104,7 @@ class TrainStep:
             paired = features.pair(batch, out.hidden_states, self.accelerator) if features is not None else None
             view = View(out.logits, batch.labels, batch.teacher_logits, batch.inputs["attention_mask"], paired)
             terms = self.terms or (TASK_ONLY if batch.teacher_logits is None else active_terms(self.kd, True))
-            parts = objective(terms, view, self.kd, self.regression)
+            parts = objective(terms, view, self.kd, self.kind)
             self.bad |= ~torch.isfinite(parts["total"])
             self.accelerator.backward(parts["total"])
             if self.accelerator.sync_gradients and self.max_grad_norm > 0:

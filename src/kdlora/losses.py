@@ -136,37 +136,35 @@ class View(NamedTuple):
 
 @dataclass(frozen=True)
 class Term:
-    """One named part of the objective: a pure function of the batch's View (and the run's KD settings, and whether
-    the task is a regression) to a scalar, and its weight in the total. Its name keys the loss log (train_loss_<name>),
-    the metrics record and the checkpoint's history.
+    """One named part of the objective: a pure function of the batch's View (and the run's KD settings, and the task
+    kind, kinds.Kind, which gives the task loss and the logit divergence) to a scalar, and its weight in the total.
+    Its name keys the loss log (train_loss_<name>), the metrics record and the checkpoint's history.
 
     on(kd): whether a distilled run computes it; needs: what it reads beyond the student's logits and the labels
     ("logits": the teacher's cached logits; "features": the live teacher beside the student, which --<name>-weight
     turns on and which only a distilled method has); card(kd, metrics): the model card's clause for it."""
 
     name: str
-    fn: Callable[[View, Any, bool], torch.Tensor]
+    fn: Callable[[View, Any, Any], torch.Tensor]
     weight: Callable[[Any], float]
     on: Callable[[Any], bool] = lambda kd: True
     needs: str | None = None
     card: Callable[[Any, dict[str, Any]], str] | None = None
 
 
-def _task_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
-    return task_loss(v.logits, v.labels, regression)
+def _task_term(v: View, kd: Any, kind: Any) -> torch.Tensor:
+    return kind.task_loss(v.logits, v.labels)
 
 
-def _kd_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
-    if regression:
-        return regression_kd_loss(v.logits, v.teacher_logits)
-    return kd_loss(v.logits, v.teacher_logits, kd.temperature)
+def _kd_term(v: View, kd: Any, kind: Any) -> torch.Tensor:
+    return kind.kd_loss(v.logits, v.teacher_logits, kd.temperature)
 
 
-def _hidden_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
+def _hidden_term(v: View, kd: Any, kind: Any) -> torch.Tensor:
     return hidden_state_loss(v.features.student_hidden, v.features.teacher_hidden, v.mask, kd.hidden_loss)
 
 
-def _attention_term(v: View, kd: Any, regression: bool) -> torch.Tensor:
+def _attention_term(v: View, kd: Any, kind: Any) -> torch.Tensor:
     return attention_relation_loss(v.features.student_qkv, v.features.teacher_qkv, v.mask, v.features.heads)
 
 
@@ -206,10 +204,11 @@ def active_terms(kd: Any, distilled: bool) -> tuple[Term, ...]:
     return tuple(t for t in TERMS if t.on(kd)) if distilled else TASK_ONLY
 
 
-def objective(terms: Sequence[Term], view: View, kd: Any, regression: bool = False) -> dict[str, torch.Tensor]:
+def objective(terms: Sequence[Term], view: View, kd: Any, kind: Any) -> dict[str, torch.Tensor]:
     """The training objective of every method: each term's value by name, and under "total" their weighted sum
-    (KD-LoRA's α·L_task + (1-α)·L_KD with a teacher, plus the weighted feature terms that are on). Scalars."""
-    parts = {t.name: t.fn(view, kd, regression) for t in terms}
+    (KD-LoRA's α·L_task + (1-α)·L_KD with a teacher, plus the weighted feature terms that are on). Scalars. `kind`
+    is the task's kinds.Kind (this module imports nothing of kdlora)."""
+    parts = {t.name: t.fn(view, kd, kind) for t in terms}
     total = None
     for t in terms:
         part = t.weight(kd) * parts[t.name]

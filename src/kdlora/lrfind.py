@@ -301,20 +301,6 @@ def plot(probe: Probe, path: Path, title: str) -> None:
 # The collapse guard
 
 
-def prior_loss(labels: Sequence[float | int], regression: bool) -> float:
-    """The task loss of a model that predicts the labels' prior: their entropy in nats (classes), their variance
-    (regression): what a collapsed model's loss sits at."""
-    if not labels:
-        return math.nan
-    if regression:
-        mean = sum(labels) / len(labels)
-        return sum((y - mean) ** 2 for y in labels) / len(labels)
-    counts: dict[Any, int] = {}
-    for y in labels:
-        counts[y] = counts.get(y, 0) + 1
-    return -sum(c / len(labels) * math.log(c / len(labels)) for c in counts.values())
-
-
 @dataclass
 class Guard:
     """Judges each epoch (see the module's docstring). An epoch at the prior's loss that predicts one constant is not

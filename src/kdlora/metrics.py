@@ -11,23 +11,24 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from kdlora.tasks import Task
 
 
-def compute_metrics(task: Task, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
-    """Named metrics of one evaluation split, plus `score`: the task's metric on a 0-100 scale (higher is better).
-
-    predictions are class ids for classification and real values for regression. A GLUE task reports its own
-    metrics; the user's own task reports accuracy and macro-F1 (classification) or Pearson, Spearman and MSE
-    (regression) beside its chosen metric.
-    """
+def regression_metrics(task: Task, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    """Named metrics of one evaluation split of real-valued predictions, plus `score`: the task's metric on a 0-100
+    scale (higher is better). A GLUE task reports Pearson and Spearman; the user's own task the MSE beside them."""
     preds, golds = np.asarray(predictions), np.asarray(labels)
-    if task.is_regression:
-        # A constant prediction has no correlation; scipy returns nan, which we report as 0.
-        pearson = float(np.nan_to_num(pearsonr(preds, golds)[0])) if np.std(preds) > 0 else 0.0
-        spearman = float(np.nan_to_num(spearmanr(preds, golds)[0])) if np.std(preds) > 0 else 0.0
-        named = {"pearson": pearson, "spearman": spearman}
-        if task.custom:
-            named["mse"] = float(np.mean((preds - golds) ** 2))
-        score = {"pearson": pearson, "spearman": spearman}.get(task.metric, (pearson + spearman) / 2)
-        return {**named, "score": 100 * score}
+    # A constant prediction has no correlation; scipy returns nan, which we report as 0.
+    pearson = float(np.nan_to_num(pearsonr(preds, golds)[0])) if np.std(preds) > 0 else 0.0
+    spearman = float(np.nan_to_num(spearmanr(preds, golds)[0])) if np.std(preds) > 0 else 0.0
+    named = {"pearson": pearson, "spearman": spearman}
+    if task.custom:
+        named["mse"] = float(np.mean((preds - golds) ** 2))
+    score = {"pearson": pearson, "spearman": spearman}.get(task.metric, (pearson + spearman) / 2)
+    return {**named, "score": 100 * score}
+
+
+def classification_metrics(task: Task, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    """Named metrics of one evaluation split of class ids, plus `score`: the task's metric on a 0-100 scale. A GLUE
+    task reports its own metrics; the user's own task accuracy and macro-F1 beside its chosen metric."""
+    preds, golds = np.asarray(predictions), np.asarray(labels)
     values = {
         "accuracy": lambda: float(accuracy_score(golds, preds)),
         "f1": lambda: float(f1_score(golds, preds, zero_division=0)),

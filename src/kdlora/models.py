@@ -11,6 +11,7 @@ from torch import nn
 from kdlora.config import ALL_LINEAR, LORA_METHODS, LoraArgs
 from kdlora.env import say
 from kdlora.errors import KdloraError
+from kdlora.kinds import kind_of
 from kdlora.rundir import model_dir
 from kdlora.tasks import Task
 
@@ -93,7 +94,7 @@ def load_classifier(
     config.num_labels = task.num_labels
     config.id2label = dict(enumerate(task.label_names))
     config.label2id = {label: i for i, label in enumerate(task.label_names)}
-    config.problem_type = "regression" if task.is_regression else "single_label_classification"
+    config.problem_type = kind_of(task).problem_type
     try:
         if not weights:
             with torch.device("meta"):

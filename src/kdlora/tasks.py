@@ -40,12 +40,13 @@ class Task:
         return self.tsv_text
 
     @property
-    def is_regression(self) -> bool:
-        return not self.labels
+    def kind(self) -> str:
+        """The task kind's name (kinds.KINDS): a regression has no class labels."""
+        return "classification" if self.labels else "regression"
 
     @property
     def num_labels(self) -> int:
-        return 1 if self.is_regression else len(self.labels)
+        return len(self.labels) if self.labels else 1
 
     def split_tag(self, split: str) -> str:
         """Suffix that tells eval splits apart in metric names: '' for one split, 'm'/'mm' for MNLI."""

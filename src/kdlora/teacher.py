@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from kdlora.data import Collator, Example, TokenizedDataset, eval_batches, hash_examples
+from kdlora.config import RunConfig
+from kdlora.data import Collator, Example, TokenizedDataset, eval_batches, hash_examples, read_unlabeled, unlabeled_rest
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_bytes
+from kdlora.kinds import kind_of
 from kdlora.models import load_masked_lm, load_saved
 from kdlora.rundir import logits_path, merged_dir, read_run
 from kdlora.tasks import Task
@@ -90,7 +93,7 @@ def teacher_model_dir(run_dir: Path, task: Task) -> Path:
             f"--teacher {run_dir} has {config.get('num_labels')} labels; {task.name} has {task.num_labels}"
         )
     names = tuple(config.get("id2label", {}).get(str(i)) for i in range(task.num_labels))
-    if task.custom and not task.is_regression and names != task.label_names:
+    if task.custom and task.labels and names != task.label_names:
         raise KdloraError(f"--teacher {run_dir} has the labels {', '.join(map(str, names))}; "
                           f"this data has {', '.join(task.label_names)}")  # fmt: skip
     return model_dir
@@ -111,7 +114,7 @@ def _compute(
     model, tokenizer = load_saved(model_dir)
     model = model.to(device).eval()
     dataset = TokenizedDataset(examples, tokenizer, max_length)
-    collate = Collator(tokenizer, task.is_regression)
+    collate = Collator(tokenizer, kind_of(task))
     logits = torch.empty(len(dataset), task.num_labels)
     for batch_idx in tqdm(eval_batches(dataset.lengths, batch_size), desc="teacher logits", disable=quiet):
         batch = collate([dataset[i] for i in batch_idx])
@@ -315,3 +318,53 @@ class MaskedLMSwap:
                 new[j] = scores.topk(self.k).indices.tolist()[picks[j] % self.k]
             out.append(new)
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a distilled run trains on
+
+
+def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example]) -> list[Example]:
+    """What the student trains on: the training set, then the transfer set (distilled only): --augment's variants of
+    the training examples, the rows --label-budget left out (--unlabeled-rest) and the rows of --unlabeled-file."""
+    kd, out = cfg.kd, list(train)
+    if teacher_run is None:
+        return out
+    if kd.augment:
+        out += transfer_set(
+            teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed,
+            kd.augment_mlm, cfg.model.trust_remote_code,
+        )  # fmt: skip
+    if kd.unlabeled_rest:  # the rows keep their ids: they are rows of the training split, unlike the file's
+        out += unlabeled_rest(cfg.data, task)
+    if kd.unlabeled_file:
+        out += read_unlabeled(kd.unlabeled_file, task, first_id=max(e.id for e in out) + 1)
+    return out
+
+
+def distil_targets(
+    cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example], accelerator: Any, quiet: bool
+) -> tuple[Any, dict[str, Any]]:
+    """The teacher's logits on the training set (cached by the main process first) and what to record of them."""
+    if teacher_run is None:
+        return None, {}
+    t0 = time.perf_counter()
+    with accelerator.main_process_first():  # the main process computes and caches, the others read the cache
+        logits, cached = teacher_logits(
+            teacher_run,
+            train,
+            task,
+            cfg.data.max_length,
+            batch_size=cfg.train.eval_batch_size,
+            device=accelerator.device,
+            quiet=quiet,
+            recompute=not cfg.kd.no_recompute,
+        )
+    teacher = read_run(teacher_run) or {}
+    return logits, {
+        "teacher": str(teacher_run),
+        "teacher_score": teacher.get("score"),
+        "teacher_total_params": teacher.get("total_params"),
+        "teacher_logits_cached": cached,
+        "teacher_logits_seconds": time.perf_counter() - t0,
+    }

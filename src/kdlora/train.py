@@ -34,12 +34,12 @@ from kdlora.data import (
     load_splits,
     load_task,
     read_unlabeled,
-    unlabeled_rest,
 )
 from kdlora.env import peak_memory, process_state, reset_peak_memory, say
 from kdlora.errors import KdloraError
 from kdlora.evaluate import write_test_predictions
 from kdlora.features import FeatureKD, attention_plan, hidden_layer_map
+from kdlora.kinds import kind_of
 from kdlora.loop import Parts, Record, TrainStep, build_accelerator, build_optimizer, loop, loss_keys, restore
 from kdlora.losses import Term, active_terms
 from kdlora.lrfind import (
@@ -51,7 +51,6 @@ from kdlora.lrfind import (
     Plan,
     Probe,
     plot,
-    prior_loss,
     probe_steps,
     range_test,
 )
@@ -67,7 +66,7 @@ from kdlora.models import (
     merge,
 )
 from kdlora.tasks import Task
-from kdlora.teacher import teacher_logits, teacher_model_dir, transfer_set
+from kdlora.teacher import distil_examples, distil_targets, teacher_model_dir
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The paper's three steps
@@ -189,52 +188,6 @@ def model_source(cfg: RunConfig, teacher_run: Path | None) -> tuple[str, list[in
     return m.name, None
 
 
-def distil_examples(cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example]) -> list[Example]:
-    """What the student trains on: the training set, then the transfer set (distilled only): --augment's variants of
-    the training examples, the rows --label-budget left out (--unlabeled-rest) and the rows of --unlabeled-file."""
-    kd, out = cfg.kd, list(train)
-    if teacher_run is None:
-        return out
-    if kd.augment:
-        out += transfer_set(
-            teacher_run, train, task, kd.augment, kd.augment_prob, kd.augment_neighbours, cfg.train.seed,
-            kd.augment_mlm, cfg.model.trust_remote_code,
-        )  # fmt: skip
-    if kd.unlabeled_rest:  # the rows keep their ids: they are rows of the training split, unlike the file's
-        out += unlabeled_rest(cfg.data, task)
-    if kd.unlabeled_file:
-        out += read_unlabeled(kd.unlabeled_file, task, first_id=max(e.id for e in out) + 1)
-    return out
-
-
-def distil_targets(
-    cfg: RunConfig, task: Task, teacher_run: Path | None, train: list[Example], accelerator: Any, quiet: bool
-) -> tuple[Any, dict[str, Any]]:
-    """The teacher's logits on the training set (cached by the main process first) and what to record of them."""
-    if teacher_run is None:
-        return None, {}
-    t0 = time.perf_counter()
-    with accelerator.main_process_first():  # the main process computes and caches, the others read the cache
-        logits, cached = teacher_logits(
-            teacher_run,
-            train,
-            task,
-            cfg.data.max_length,
-            batch_size=cfg.train.eval_batch_size,
-            device=accelerator.device,
-            quiet=quiet,
-            recompute=not cfg.kd.no_recompute,
-        )
-    teacher = rundir.read_run(teacher_run) or {}
-    return logits, {
-        "teacher": str(teacher_run),
-        "teacher_score": teacher.get("score"),
-        "teacher_total_params": teacher.get("total_params"),
-        "teacher_logits_cached": cached,
-        "teacher_logits_seconds": time.perf_counter() - t0,
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # build -> loop -> finish
 
@@ -343,7 +296,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
 
     def make_step(optimizer: Any, scheduler: Any) -> TrainStep:
         return TrainStep(
-            model, optimizer, scheduler, accelerator, cfg.kd, task.is_regression, tc.max_grad_norm, features, terms
+            model, optimizer, scheduler, accelerator, cfg.kd, kind_of(task), tc.max_grad_norm, features, terms
         )
 
     def probe() -> Probe:  # --lr auto: the range test on this very model, data and objective
@@ -367,7 +320,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     keys = loss_keys(terms)
     # A killed run continues where its checkpoint left it: weights, optimizer, schedule, position and RNG.
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
-    prior = prior_loss([e.label for e in splits["train"][:labelled]], task.is_regression)
+    prior = kind_of(task).prior_loss([e.label for e in splits["train"][:labelled]])
     retry = tc.on_collapse == "retry" and len(plan.restarts) < MAX_RESTARTS
     guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), tc.epochs, retry)
     parts = Parts(
@@ -441,14 +394,6 @@ def finish(built: Built, record: Record) -> dict[str, Any]:
     return {"status": "finished", **metrics}
 
 
-def label_counts(examples: list[Example], task: Task) -> dict[str, int]:
-    """Labelled examples per class (regression: the count under "all")."""
-    if task.is_regression:
-        return {"all": len(examples)}
-    names = task.label_names or tuple(map(str, range(task.num_labels)))
-    return {names[c]: sum(e.label == c for e in examples) for c in range(task.num_labels)}
-
-
 def run_record(
     cfg: RunConfig, task: Task, record: Record, built: Built, memory: tuple[float, str], accelerator: Any
 ) -> dict[str, Any]:
@@ -479,7 +424,7 @@ def run_record(
         "rows_per_epoch": built.parts.sampler.rows,  # fewer with --transfer-ratio: transfer rows drawn per epoch
     }
     if cfg.data.label_budget:  # the draw, recorded: which rows kept their labels is in data_fingerprint
-        counts = label_counts(built.splits["train"][: built.labelled], task)
+        counts = kind_of(task).label_counts([e.label for e in built.splits["train"][: built.labelled]], task)
         metrics["label_budget"] = {"budget": cfg.data.label_budget, "seed": cfg.data.label_seed, "counts": counts}
     metrics.update(built.plan.record())
     # The guard's verdict: the epochs from the first on that predicted one constant at the prior's loss; the run
