@@ -127,3 +127,22 @@ def test_disk_full_while_writing_leaves_no_finished_run(tmp_path, tiny_bert_dir,
     assert code == 2 and len(err) == 1 and "no space left on device while writing" in err[0]
     assert not (out / "metrics.json").exists()
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".*tmp*"))  # no temporary leftovers
+
+
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory")],
+)
+def test_out_of_memory_is_one_line_and_no_finished_run(tmp_path, tiny_bert_dir, tiny_glue, monkeypatch, capsys, error):
+    import kdlora.train
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(kdlora.train, "loop", no_memory)
+    out = tmp_path / "out"
+    code = main(train_argv(tiny_glue, out, "--model", str(tiny_bert_dir), "--epochs", "1", "--quiet"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("kdlora: error: out of memory: lower --batch-size"), err
+    assert "the run is unfinished" in err[0] or "not marked finished" in err[0], err
+    assert not (out / "metrics.json").exists() and not (out / ".lock").exists()

@@ -211,3 +211,49 @@ def test_a_bad_jsonl_line_is_named_by_its_line_in_the_file(lora_run, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{rows} line 31, column 18: Invalid control character" in err[0], err
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_and_train_read_an_unclosed_quote_alike(lora_run, tiny_bert_dir, tmp_path, capsys):
+    # A TSV whose sixth text opens a quote it never closes: Python's csv module swallowed the other 54 rows into one
+    # cell and predict wrote "6 predictions" for 60 rows. Both commands now refuse it, naming the parser's cause.
+    lines = [f"the cat number {i} sat .\t{i % 2}" for i in range(60)]
+    lines[5] = '"the dog ran\t1'
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("sentence\tlabel\n" + "\n".join(lines) + "\n")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model-dir", str(lora_run), "--input-file", str(rows), "--output-file", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(rows) in err[0] and "EOF inside string" in err[0], err
+    assert not out.exists()
+    argv = ["train", "--method", "lora", "--lr", "2e-3", "--model", str(tiny_bert_dir), "--train-file", str(rows),
+            "--validation-file", str(rows), "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    # (`datasets` draws its progress bars when an earlier test imported it before main could turn them off)
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Generating")]
+    # The reader's own cause, not the "An error occurred while generating the dataset" that wraps it.
+    assert len(err) == 1 and "EOF inside string" in err[0] and "generating the dataset" not in err[0], err
+
+
+def test_a_rank_above_the_adapted_layers_width_is_refused_before_anything_is_allocated(
+    tiny_bert_dir, tiny_glue, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_glue, out, "--model", str(tiny_bert_dir), "--rank", "100000")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rank 100000 is above the width of the layers LoRA adapts" in err[0], err
+    assert not (out / ".lock").exists() and not (out / "metrics.json").exists()
+    width = int(err[0].rsplit("--rank ", 1)[1].split()[0])  # the largest rank it offers trains
+    assert main(train_argv(tiny_glue, out, "--model", str(tiny_bert_dir), "--rank", str(width), "--epochs", "1",
+                           "--quiet")) == 0  # fmt: skip
+
+
+def test_a_row_count_that_a_second_count_disagrees_with_is_refused(tmp_path):
+    # Every CSV/TSV read (train's and predict's) ends with this check against Python's own csv module.
+    from kdlora.data import check_row_count
+    from kdlora.errors import KdloraError
+
+    rows = tmp_path / "rows.tsv"
+    rows.write_text('sentence\tlabel\n"a cell\nover two lines"\t1\nb\t0\n\nc\t1\n')
+    check_row_count(rows, ".tsv", 3)  # the quoted newline is one row, the blank line none
+    with pytest.raises(KdloraError, match=r"read 2 rows, but the file holds 3 by a second count"):
+        check_row_count(rows, ".tsv", 2)

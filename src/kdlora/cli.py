@@ -535,6 +535,15 @@ def _stop_on_signals() -> dict[int, Any]:
     return {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's RuntimeError."""
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.debug:
@@ -578,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 128 + signum
     except Exception as exc:
+        if _out_of_memory(exc):
+            hint = "lower --batch-size or --max-length, or add --gradient-checkpointing"
+            _fail(args, f"out of memory: {hint}{_unfinished(args)}")
+            return 2
         if type(exc).__name__ != "SafetensorError":  # safetensors' own error for a write that failed (a full disk)
             raise
         _fail(args, f"could not write a safetensors file ({str(exc).splitlines()[0]}){_unfinished(args)}")

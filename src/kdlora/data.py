@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import random
 import tempfile
@@ -259,19 +260,52 @@ def read_table(path: str, mtime_ns: int = 0, size: int = 0) -> Any:
     if size == 0 and Path(path).stat().st_size == 0:
         raise KdloraError(f"{path} is empty")
     builder, options = FILE_TYPES[suffix]
+    quiet = logging.getLogger("datasets")  # it logs a parse error before raising it: the error is said once, below
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory() as cache:  # no stale cache of an edited file, and nothing left behind
         try:
             rows = datasets.load_dataset(
                 builder, data_files=path, split="train", cache_dir=cache, keep_in_memory=True, **options
             )
-        except Exception as exc:  # pandas/pyarrow parse errors: one line that names the file
+        except Exception as exc:  # pandas/pyarrow parse errors: one line that names the file and the reader's cause
             if "corresponds to no data" in str(exc):
                 raise KdloraError(f"{path} has no data rows") from None
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            cause = reader_cause(exc)
+            reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
             raise KdloraError(f"could not read {path} as {builder}: {reason[:200]}") from exc
+        finally:
+            quiet.setLevel(level)
     if len(rows) == 0:
         raise KdloraError(f"{path} has no data rows")
+    if suffix in (".csv", ".tsv"):
+        check_row_count(Path(path), suffix, len(rows))
     return rows
+
+
+def check_row_count(path: Path, suffix: str, read: int) -> None:
+    """The rows a parser read of a CSV/TSV file against a second, independent count (Python's csv module, quotes
+    and all): a quote that one of them reads as a field spanning lines and the other does not would otherwise drop
+    rows without a word."""
+    import csv
+
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        records = sum(1 for row in csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",") if row)
+    if records - 1 != read:  # the header is a record to csv, not a row
+        raise KdloraError(
+            f"{path}: read {read} rows, but the file holds {records - 1} by a second count; a quote character "
+            "that opens a cell it never closes is the usual cause (quote the cell, or remove the quote)"
+        )
+
+
+def reader_cause(exc: BaseException) -> BaseException:
+    """The parser's own error under the ones `datasets` wraps it in ("An error occurred while generating the
+    dataset"): it names the line or row ("EOF inside string starting at row 6")."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or exc.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    return exc
 
 
 @functools.lru_cache(maxsize=8)
@@ -644,13 +678,24 @@ def _txt_rows(path: Path) -> Iterator[tuple[str, str, None]]:
 
 
 def _records(path: Path, suffix: str) -> Iterator[Any]:
-    """The file's records one by one (a .json array is the one format read whole)."""
-    import csv
-
+    """The file's records one by one (a .json array is the one format read whole). CSV and TSV go through pandas'
+    parser with the training reader's options (FILE_TYPES; `datasets`' csv builder is pandas), a chunk at a time, so
+    predict and train accept the same files and read the same rows: an unclosed quote is an error in both, never
+    a row that swallows the rest of the file."""
     try:
         if suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8-sig", newline="") as f:
-                yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            import pandas as pd
+
+            options = FILE_TYPES[suffix][1]
+            chunks = pd.read_csv(
+                path, sep=options.get("delimiter", ","), dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                chunksize=1024,
+            )  # fmt: skip
+            read = 0
+            for chunk in chunks:
+                read += len(chunk)
+                yield from chunk.to_dict("records")
+            check_row_count(path, suffix, read)
         elif suffix == ".jsonl":
             with path.open(encoding="utf-8-sig") as f:
                 for number, line in enumerate(f, 1):
@@ -669,5 +714,6 @@ def _records(path: Path, suffix: str) -> Iterator[Any]:
 
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
                 yield from batch.to_pylist()
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise KdloraError(f"could not read {path}: {str(exc).splitlines()[0][:200]}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise KdloraError(f"could not read {path}: {message[:200]}") from None

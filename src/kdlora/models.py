@@ -222,6 +222,8 @@ def check_model(
     LoRA target, student layer or tokenizer fails in seconds. Says so when --max-length is longer than the model."""
 
     model, _ = build_model(name, task, method, lora, layers=layers, trust_remote_code=trust_remote_code, weights=False)
+    if method in LORA_METHODS:
+        check_rank(model, lora.r)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     tokenizer = prepare_tokenizer(load_tokenizer(resolve_model_path(name), trust_remote_code), model.config, name)
@@ -314,6 +316,23 @@ def add_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
         init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
     )
     return get_peft_model(model, config)
+
+
+def check_rank(model: nn.Module, r: int) -> None:
+    """Refuse a rank above the narrowest adapted layer's width (the smaller of its inputs and outputs): B·A cannot
+    have a higher rank, so the rest only costs memory (a rank of 100,000 is a kill for memory, not a better model).
+    `model` is the peft model preflight builds on the meta device, so nothing is allocated yet."""
+    widths = [
+        (min(mod.in_features, mod.out_features), name.removeprefix("base_model.model."))
+        for name, mod in model.named_modules()
+        if hasattr(mod, "lora_A") and hasattr(mod, "in_features")
+    ]
+    if widths and r > min(widths)[0]:
+        width, name = min(widths)
+        raise KdloraError(
+            f"--rank {r} is above the width of the layers LoRA adapts ({name}: {width}); a higher rank adds memory, "
+            f"not capacity: give --rank {width} or less"
+        )
 
 
 def merge(model: nn.Module) -> nn.Module:
