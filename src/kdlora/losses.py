@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # the class id of a row without a label (a transfer-set row: distilled only), as in transformers
 
@@ -214,3 +215,125 @@ def objective(terms: Sequence[Term], view: View, kd: Any, kind: Any) -> dict[str
         part = t.weight(kd) * parts[t.name]
         total = part if total is None else total + part
     return {"total": total, **parts}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token-level distillation of a causal LM from a cached top-k teacher distribution
+#
+# Shapes: N = tokens (the completion tokens of a batch, flattened), V = vocabulary, K = cached teacher tokens per
+# position, H = hidden width. The teacher's distribution at temperature T is kept as its K most probable tokens'
+# log-probabilities and their indices; the rest of the vocabulary is one bucket, the tail, holding the remaining mass.
+# The student's distribution is read through the same K + 1 buckets, so the divergence is exact on the buckets and,
+# with K = V (no tail), equal to the full-vocabulary one.
+
+
+def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's cached targets: the log-probabilities at temperature T of its k most probable tokens, [N, K]
+    (fp32 here; the cache may store them in fp16), and their token ids, [N, K] int64. teacher_logits: [N, V]."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    values, indices = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+    return values, indices
+
+
+def _log_tail(log_top: torch.Tensor) -> torch.Tensor:
+    """log(1 - Σ exp(log_top)) per row, the tail bucket's log-mass, [N]; -inf when the top-k hold everything."""
+    top = torch.logsumexp(log_top, dim=-1).clamp(max=0.0)
+    return torch.log(-torch.expm1(top))  # log1p(-exp(top)), exact near 0 and -inf at 0
+
+
+def student_buckets(student_logits: torch.Tensor, indices: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The student's log-probabilities on the teacher's K tokens and on the tail (every other token), [N, K + 1].
+    student_logits: [N, V]; indices: [N, K]. The tail is a log-sum-exp over the vocabulary with the K tokens masked
+    out, so it stays exact when the K tokens hold nearly all the mass."""
+    z = student_logits.float() / temperature
+    log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # [N, 1]
+    top = z.gather(-1, indices) - log_z
+    if indices.shape[-1] == z.shape[-1]:  # K = V: no tail (a log-sum-exp over nothing has a NaN gradient)
+        return torch.cat([top, torch.full_like(log_z, float("-inf"))], dim=-1)
+    tail = torch.logsumexp(z.scatter(-1, indices, float("-inf")), dim=-1, keepdim=True) - log_z
+    return torch.cat([top, tail], dim=-1)
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row over the last dim, [N]; buckets where p is 0 add 0 (and no NaN gradient: the difference is
+    masked before it is multiplied, so an empty tail, -inf on both sides, is a 0 and not -inf - -inf)."""
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))).sum(-1)
+
+
+def token_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "forward", beta: float = 0.5
+) -> torch.Tensor:
+    """A divergence per token between the teacher's buckets log_p and the student's log_q, both [N, B] log-probs
+    over the same buckets (a full vocabulary, or K tokens + the tail). Returns [N].
+
+    forward: KL(teacher ‖ student), the paper's and Hinton's (mean-seeking); reverse: KL(student ‖ teacher)
+    (mode-seeking, MiniLLM's objective); jsd: the generalized Jensen-Shannon divergence of GKD,
+    β·KL(p ‖ m) + (1-β)·KL(q ‖ m) with m = β·p + (1-β)·q, symmetric at β = 0.5 and 0 only when p = q."""
+    if divergence == "forward":
+        return _kl_rows(log_p, log_q)
+    if divergence == "reverse":
+        return _kl_rows(log_q, log_p)
+    if divergence == "jsd":
+        if not 0 < beta < 1:
+            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
+        return beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m)
+    raise ValueError(f"unknown divergence {divergence!r}: forward, reverse or jsd")
+
+
+def topk_kd_sum(
+    student_logits: torch.Tensor,
+    teacher_log_top: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """T² · Σ over the masked-in tokens of the divergence between the teacher's cached top-k distribution (tail as one
+    bucket) and the student's on the same buckets. A sum, not a mean: the caller divides by the global count of
+    completion tokens, so the loss is the same however the tokens fall into micro-batches and processes.
+
+    student_logits: [N, V]; teacher_log_top, indices: [N, K]; mask: [N], 1 for a completion token. Returns a scalar."""
+    log_top = teacher_log_top.float()
+    no_tail = indices.shape[-1] == student_logits.shape[-1]  # K = V: rounding must not leave mass in an empty bucket
+    tail = torch.full_like(log_top[:, 0], float("-inf")) if no_tail else _log_tail(log_top)
+    log_p = torch.cat([log_top, tail[:, None]], dim=-1)
+    log_q = student_buckets(student_logits, indices, temperature)
+    per_token = token_divergence(log_p, log_q, divergence, beta)
+    return (per_token * mask.float()).sum() * temperature**2
+
+
+def chunked_lm_kd_sum(
+    hidden: torch.Tensor,
+    head: torch.Tensor,
+    teacher_log_top: torch.Tensor,
+    indices: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal LM's two loss sums from its last hidden states, a chunk of tokens at a time: (Σ cross-entropy to
+    `labels` over the completion tokens, Σ topk_kd_sum). Each chunk's [chunk, V] logits are made from the hidden
+    states and the output embedding and recomputed in the backward pass (activation checkpointing), so the [N, V]
+    logits are never held whole, in the forward pass or the backward.
+
+    hidden: [N, H] (the positions that predict the next token); head: [V, H] (the LM head's weight); labels: [N], the
+    next token id or IGNORE outside the completion; teacher_log_top, indices: [N, K]. Returns two scalars."""
+
+    def part(h: torch.Tensor, w: torch.Tensor, log_top: torch.Tensor, idx: torch.Tensor, y: torch.Tensor):
+        logits = h @ w.T
+        keep = y != IGNORE
+        ce = F.cross_entropy(logits.float(), y.clamp(min=0), reduction="none")
+        kd = topk_kd_sum(logits, log_top, idx, keep, temperature, divergence, beta)
+        return (ce * keep).sum(), kd
+
+    ce_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        s = slice(start, start + chunk)
+        ce, kd = checkpoint(part, hidden[s], head, teacher_log_top[s], indices[s], labels[s], use_reentrant=False)
+        ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
+    return ce_sum, kd_sum
