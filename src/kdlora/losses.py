@@ -235,7 +235,7 @@ def topk_targets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0)
     return values, indices
 
 
-def _log_tail(log_top: torch.Tensor) -> torch.Tensor:
+def log_tail(log_top: torch.Tensor) -> torch.Tensor:
     """log(1 - Σ exp(log_top)) per row, the tail bucket's log-mass, [N]; -inf when the top-k hold everything."""
     top = torch.logsumexp(log_top, dim=-1).clamp(max=0.0)
     return torch.log(-torch.expm1(top))  # log1p(-exp(top)), exact near 0 and -inf at 0
@@ -290,15 +290,20 @@ def topk_kd_sum(
     temperature: float = 1.0,
     divergence: str = "forward",
     beta: float = 0.5,
+    teacher_log_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """T² · Σ over the masked-in tokens of the divergence between the teacher's cached top-k distribution (tail as one
     bucket) and the student's on the same buckets. A sum, not a mean: the caller divides by the global count of
     completion tokens, so the loss is the same however the tokens fall into micro-batches and processes.
 
-    student_logits: [N, V]; teacher_log_top, indices: [N, K]; mask: [N], 1 for a completion token. Returns a scalar."""
+    student_logits: [N, V]; teacher_log_top, indices: [N, K]; mask: [N], 1 for a completion token;
+    teacher_log_tail: [N], the tail's log-mass as cached (default: from the K log-probs). Returns a scalar."""
     log_top = teacher_log_top.float()
     no_tail = indices.shape[-1] == student_logits.shape[-1]  # K = V: rounding must not leave mass in an empty bucket
-    tail = torch.full_like(log_top[:, 0], float("-inf")) if no_tail else _log_tail(log_top)
+    if no_tail:
+        tail = torch.full_like(log_top[:, 0], float("-inf"))
+    else:
+        tail = teacher_log_tail.float() if teacher_log_tail is not None else log_tail(log_top)
     log_p = torch.cat([log_top, tail[:, None]], dim=-1)
     log_q = student_buckets(student_logits, indices, temperature)
     per_token = token_divergence(log_p, log_q, divergence, beta)
