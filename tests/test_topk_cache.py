@@ -85,3 +85,29 @@ def test_another_teacher_tokenizer_or_k_is_another_cache_and_a_mismatch_is_one_l
     with pytest.raises(KdloraError, match="belongs to another teacher, tokenizer or data") as err:
         cache.fill(3, _teacher(rows, calls))
     assert "\n" not in str(err.value)
+
+
+def test_a_causal_teacher_fills_the_cache_on_the_learnt_positions_only(tmp_path):
+    from test_lm_data import WORDS, tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdlora.lm_data import LMRow, encode
+    from kdlora.topk_cache import fill_from_model, predicted
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()  # 16 output rows for 13 tokens: 3 padding rows
+    tok = tokenizer()
+    rows = [LMRow(0, prompt="is the cat good ?", completion="yes"), LMRow(1, text="the cat is good"),
+            LMRow(2, prompt="the cat ?", completion="no no")]  # fmt: skip
+    encoded = [encode(r, tok, 32) for r in rows]
+    cache = TopKCache(tmp_path, PARTS, k=4, shard_rows=2)
+    assert fill_from_model(cache, model, encoded, vocab=len(WORDS), batch_size=2, pad_id=tok.pad_token_id) == 3
+    for (input_ids, labels), i in zip(encoded, range(3), strict=True):
+        alone = model(input_ids=torch.tensor([input_ids])).logits[0, predicted(labels), : len(WORDS)]
+        log_top, idx = topk_targets(alone, 4)
+        got_top, got_idx, _ = cache.row(i)
+        assert len(got_idx) == sum(y != -100 for y in labels[1:])  # one entry per learnt token
+        assert torch.equal(got_idx, idx) and int(got_idx.max()) < len(WORDS)  # no padding row is ever a target
+        torch.testing.assert_close(got_top, log_top.half().float(), rtol=1e-3, atol=1e-3)

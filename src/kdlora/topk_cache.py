@@ -31,7 +31,7 @@ import torch
 
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_file, atomic_write_json
-from kdlora.losses import log_tail, topk_targets
+from kdlora.losses import IGNORE, log_tail, topk_targets
 
 DEFAULT_K = 64
 MANIFEST = "manifest.json"
@@ -149,3 +149,33 @@ class TopKCache:
         size = sum(self._path(s, n).stat().st_size for s in manifest["shards"] for n in FILES)
         tokens = sum(int(np.load(self._path(s, "offsets"), mmap_mode="r")[-1]) for s in manifest["shards"])
         return size / max(tokens, 1)
+
+
+def predicted(labels: Sequence[int]) -> list[int]:
+    """The positions whose next token is learnt: t where labels[t + 1] is not IGNORE (a causal LM predicts token
+    t + 1 at position t), in order; the cache holds one entry per such position."""
+    return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]
+
+
+@torch.inference_mode()
+def fill_from_model(cache: TopKCache, model: Any, encoded: Sequence[tuple[list[int], list[int]]], vocab: int,
+                    batch_size: int = 8, pad_id: int = 0) -> int:  # fmt: skip
+    """Fill `cache` with a causal LM teacher's distribution on the learnt positions of each encoded row (from
+    lm_data.encode), `batch_size` rows a forward pass, right-padded (a causal model's real positions do not see the
+    padding), logits cut to the `vocab` rows the tokenizer uses. Returns the rows computed now."""
+    model.eval()
+    device = next(model.parameters()).device
+
+    def teacher(ids: Sequence[int]) -> Iterable[torch.Tensor]:
+        for start in range(0, len(ids), batch_size):
+            batch = [encoded[i] for i in ids[start : start + batch_size]]
+            width = max(len(x) for x, _ in batch)
+            inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(inputs)
+            for row, (x, _) in enumerate(batch):
+                inputs[row, : len(x)], mask[row, : len(x)] = torch.tensor(x), 1
+            logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+            for row, (_, labels) in enumerate(batch):
+                yield logits[row, predicted(labels), :vocab]
+
+    return cache.fill(len(encoded), teacher)
