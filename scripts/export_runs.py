@@ -4,8 +4,9 @@
 
     python scripts/export_runs.py runs/variants/t1 docs/results/variants/t1 --methods kd-lora
 
-Per run: config.yaml, metrics.json, inference.json (when timed) and merged/config.json (the architecture, for the
-parameter counts at each rank). `kdlora report DST` then gives the same tables as `kdlora report SRC`.
+Per run: config.yaml, metrics.json, inference.json (when timed), lr.json (the lr plan and, with --lr auto, the range
+test's curve) and merged/config.json (the architecture, for the parameter counts at each rank). `kdlora report DST`
+then gives the same tables as `kdlora report SRC`.
 """
 
 from __future__ import annotations
