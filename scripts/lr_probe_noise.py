@@ -1,12 +1,13 @@
-"""How far each range test's fall stands above its noise, and what the shipped rule and one variant pick from it.
+"""How far each range test's fall stands above its noise, and what the rule picks with and without its noise test.
 
     python scripts/lr_probe_noise.py docs/results/lr-auto
 
 Reads every curve under DIR: the lr-find curves (<name>.json: lrs, losses) and the lr plans of the runs exported
 beside them (**/lr.json). drop: the smoothed loss's fall from its plateau (the median of the steps below the band's
-floor) to its minimum; noise: the standard deviation of the raw losses on the plateau's steps. The variant keeps
-the shipped rule where the fall is at least 5 noise widths and otherwise takes the rule's no-descent branch (the
-last lr before the loss rises FLAT above the plateau, over EDGE_DIVISOR).
+floor) to its minimum; noise: the standard deviation of the raw losses on the plateau's steps. "without" is the
+rule before its noise test (kdlora.lrfind.suggest without the raw losses); "shipped" is the rule as it is, which
+takes its no-descent branch (the last lr before the loss rises FLAT above the plateau, over EDGE_DIVISOR) where the
+fall is under NOISE_WIDTHS noise widths.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from kdlora.lrfind import BANDS, EDGE_DIVISOR, FLAT, smooth, suggest
+from kdlora.lrfind import BANDS, smooth, suggest
 
 
 def curves(root: Path) -> dict[str, tuple[list[float], list[float], tuple[float, float]]]:
@@ -33,17 +34,17 @@ def curves(root: Path) -> dict[str, tuple[list[float], list[float], tuple[float,
 
 
 def main(root: Path) -> None:
-    print("| curve | drop % | noise % | drop / noise | shipped rule | variant |\n|---|---:|---:|---:|---:|---:|")
+    print("| curve | drop % | noise % | drop / noise | without the noise test | shipped |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, (lrs, losses, (lo, hi)) in curves(root).items():
         sm = smooth(losses)
         plateau = statistics.median([v for lr, v in zip(lrs, sm, strict=True) if lr < lo])
         noise = statistics.pstdev([v for lr, v in zip(lrs, losses, strict=True) if lr < lo])
         drop = plateau - min(sm)
-        shipped = min(max(suggest(lrs, sm, lo), lo), hi)
-        edge = [lr for lr, v in zip(lrs, sm, strict=True) if v <= plateau * (1 + FLAT)][-1] / EDGE_DIVISOR
-        variant = shipped if drop >= 5 * noise else min(max(edge, lo), hi)
+        without = min(max(suggest(lrs, sm, lo), lo), hi)
+        shipped = min(max(suggest(lrs, sm, lo, losses), lo), hi)
         print(f"| {name} | {100 * drop / plateau:.1f} | {100 * noise / plateau:.2f} | {drop / noise:.1f} | "
-              f"{shipped:.2e} | {variant:.2e} |")  # fmt: skip
+              f"{without:.2e} | {shipped:.2e} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def main(src: Path, dest: Path) -> None:
     for lr_file in sorted(src.glob("*/lr.json")):
         name, raw = lr_file.parent.name, json.loads(lr_file.read_text())["probe"]
         smoothed = smooth(raw["losses"])
-        suggestion = suggest(raw["lrs"], smoothed, raw["band"][0])
+        suggestion = suggest(raw["lrs"], smoothed, raw["band"][0], raw["losses"])
         band = tuple(raw["band"])
         probe = Probe(raw["lrs"], raw["losses"], smoothed, suggestion, min(max(suggestion, band[0]), band[1]), band,
                       raw["seconds"])  # fmt: skip

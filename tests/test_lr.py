@@ -45,6 +45,15 @@ def test_the_rule_takes_the_lr_halfway_down_the_descent_and_the_prior_loss():
     assert suggest(lrs, smooth(flat)) == lrs[25] / kdlora.lrfind.EDGE_DIVISOR
     noisy = [0.7, 0.62, 0.64, 0.7, 0.68, 0.71, 0.69, 0.7] + losses[8:]  # batch noise below the band: not a descent
     assert suggest(lrs, smooth(noisy), floor=lrs[8]) == suggest(lrs, smooth([0.7] * 8 + losses[8:]), floor=lrs[8])
+    # A fall within the plateau's noise (a student cut from a fine-tuned teacher) is no descent either: the raw
+    # losses' spread below the band's floor sets the bar, and the rule takes its no-descent branch.
+    g = torch.Generator().manual_seed(0)
+    jitter = (torch.randn(30, generator=g) * 0.03).tolist()
+    shaky = [0.4 + j for j in jitter[:10]] + [0.37 + j / 10 for j in jitter[10:24]] + [0.38, 0.39, 0.45, 0.9, 2.0, 5.0]
+    edge = max(i for i, v in enumerate(smooth(shaky)) if v <= sorted(smooth(shaky)[:10])[5] * (1 + kdlora.lrfind.FLAT))
+    assert suggest(lrs, smooth(shaky), floor=lrs[10], raw=shaky) == lrs[edge] / kdlora.lrfind.EDGE_DIVISOR
+    assert suggest(lrs, smooth(shaky), floor=lrs[10]) != lrs[edge] / kdlora.lrfind.EDGE_DIVISOR  # noise read as a fall
+    assert suggest(lrs, s, raw=losses) == suggest(lrs, s)  # a clean descent keeps its halfway point
     assert CLASSIFICATION.prior_loss([0, 0, 1, 1]) == pytest.approx(math.log(2))
     assert REGRESSION.prior_loss([1.0, 3.0]) == 1.0
     with pytest.raises(KdloraError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,9 +47,10 @@ BANDS = {"lora": (1e-5, 1e-2), "full": (1e-6, 3e-4)}
 DESCENT = 0.5  # the suggestion: where the smoothed loss has made this share of its fall (see suggest)
 FLAT = 0.02  # a fall of less than this share of the starting loss is no descent: then EDGE_DIVISOR applies
 EDGE_DIVISOR = 20  # no descent: the last lr before the loss rises FLAT above its start, divided by this
+NOISE_WIDTHS = 5  # nor is a fall of less than this many noise widths (the raw losses' std on the plateau)
 RULE = (
-    "the first lr at which the smoothed loss has fallen halfway to its minimum (no fall of 2%: a twentieth of the "
-    "last lr before it rises 2% above its start)"
+    "the first lr at which the smoothed loss has fallen halfway to its minimum (no fall of 2% and of 5 noise widths: "
+    "a twentieth of the last lr before it rises 2% above its start)"
 )
 RESTART_FACTOR = 4.0
 MAX_RESTARTS = 2
@@ -191,21 +193,27 @@ def smooth(losses: Sequence[float], beta: float = SMOOTHING) -> list[float]:
     return out
 
 
-def suggest(lrs: Sequence[float], smoothed: Sequence[float], floor: float = 0.0) -> float:
+def suggest(
+    lrs: Sequence[float], smoothed: Sequence[float], floor: float = 0.0, raw: Sequence[float] | None = None
+) -> float:
     """RULE: the first lr at which the smoothed loss has fallen halfway from its starting plateau to its lowest
     value. The plateau is the median over the steps below `floor` (the band's lower edge, where steps are too small
     to move the loss, so it differs only by batch noise; at least the first three steps), and the descent is read
     above it. The lowest point itself lies among the noisy last steps before the loss diverges, and at 768 wide it is
     where a model collapses (README, "Learning rate"): halfway down the descent the loss falls fast and the steps are
-    still safe. A probe whose loss never falls by FLAT (a hard task, a short probe) takes the last lr before the
-    loss rises FLAT above its plateau, divided by EDGE_DIVISOR."""
+    still safe. A probe whose loss never falls by FLAT, or by NOISE_WIDTHS standard deviations of the `raw` losses
+    on the plateau (a hard task, a short probe; a student cut from a fine-tuned teacher, whose loss barely falls
+    before it diverges, so the fall read is noise: README, "Learning rate"), takes the last lr before the loss
+    rises FLAT above its plateau, divided by EDGE_DIVISOR."""
     finite = [(s, i) for i, s in enumerate(smoothed) if math.isfinite(s)]
     if not finite:
         raise KdloraError("the learning-rate probe found no finite loss: give --lr by hand")
     n = max(3, sum(1 for _, i in finite if lrs[i] < floor))
     head = sorted(s for s, _ in finite[:n])
     start, low = head[len(head) // 2], min(finite[n:] or finite)[0]
-    if len(finite) <= n or start - low < FLAT * start:
+    plateau = [raw[i] for _, i in finite[:n] if math.isfinite(raw[i])] if raw is not None else []
+    noise = statistics.pstdev(plateau) if len(plateau) >= 3 else 0.0
+    if len(finite) <= n or start - low < max(FLAT * start, NOISE_WIDTHS * noise):
         # No descent to read: stay well below where the loss starts to diverge.
         edge = max(i for s, i in finite if s <= start * (1 + FLAT))
         return lrs[edge] / EDGE_DIVISOR
@@ -265,7 +273,7 @@ def range_test(
         if scaler is not None:
             accelerator.scaler.load_state_dict(scaler)
     smoothed = smooth(losses)
-    suggestion = suggest(lrs, smoothed, band[0])
+    suggestion = suggest(lrs, smoothed, band[0], losses)
     return Probe(lrs, losses, smoothed, suggestion, min(max(suggestion, band[0]), band[1]), band,
                  time.perf_counter() - t0)  # fmt: skip
 
