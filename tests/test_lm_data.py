@@ -61,6 +61,16 @@ def test_chat_messages_are_rendered_by_the_template_and_the_last_turn_is_learnt(
         encode(LMRow(1, messages=messages[:1]), tok, 32)
 
 
+def test_what_the_template_writes_after_the_last_turn_is_not_learnt():
+    from kdlora.lm_data import render_chat
+
+    tok = tokenizer()
+    tok.chat_template = TEMPLATE.replace("{{ eos_token }} ", "{{ eos_token }}\n")  # ChatML's newline after each end
+    messages = [{"role": "user", "content": "is the cat good ?"}, {"role": "assistant", "content": "yes"}]
+    prompt, completion = render_chat(messages, tok, 0)
+    assert completion == "yes </s>" and prompt.endswith("<|assistant|> ")
+
+
 def test_a_plain_text_learns_every_token():
     tok = tokenizer()
     input_ids, labels = encode(LMRow(0, text="the cat is good"), tok, 32)

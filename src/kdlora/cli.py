@@ -311,7 +311,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(metrics: dict[str, Any], out: Path) -> None:
-    named = {k: metrics[k] for k in ("matthews_correlation", "accuracy", "f1", "pearson", "spearman") if k in metrics}
+    names = ("matthews_correlation", "accuracy", "f1", "pearson", "spearman", "nll", "perplexity", "kl", "agreement",
+             "exact_match")  # a classifier's, a regressor's, a language model's  # fmt: skip
+    named = {k: metrics[k] for k in names if k in metrics}
     print(
         f"\n{metrics['method']} on {metrics['task']}: score {metrics['score']:.2f} at epoch {metrics['best_epoch']} "
         f"({', '.join(f'{k} {v:.4f}' for k, v in named.items())})"

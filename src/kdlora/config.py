@@ -128,7 +128,17 @@ class ModelArgs:
 
 
 GLUE_DATASETS = ("nyu-mll/glue", "glue")
-CUSTOM_ONLY = ("text_columns", "id_column", "labels", "metric", "validation_file", "test_file", "dataset_config")
+LM_COLUMNS = ("prompt_column", "completion_column", "messages_column", "text_column")  # a causal LM's data
+CUSTOM_ONLY = (
+    *LM_COLUMNS,
+    "text_columns",
+    "id_column",
+    "labels",
+    "metric",
+    "validation_file",
+    "test_file",
+    "dataset_config",
+)
 
 
 @dataclass
@@ -161,6 +171,14 @@ class DataArgs:
     metric: str | None = arg(
         None, "your data's metric: accuracy, macro_f1, f1, mcc, pearson_spearman, pearson, spearman, accuracy_f1"
     )
+    prompt_column: str | None = arg(
+        None, "a language model's data: the prompt column (with --completion-column; the loss on the completion only)"
+    )
+    completion_column: str | None = arg(None, "a language model's data: the completion column, the text it learns")
+    messages_column: str | None = arg(
+        None, "a language model's data: a chat column (a list of role/content turns) rendered with the chat template"
+    )
+    text_column: str | None = arg(None, "a language model's data: a plain text column, every token learnt")
     max_length: int = arg(128, "truncate inputs to this many tokens; batches are padded to their own longest")
     max_train_samples: int | None = arg(None, "use only the first N training examples")
     label_budget: int | None = arg(
@@ -175,6 +193,11 @@ class DataArgs:
     def custom(self) -> bool:
         """Whether this is the user's own data rather than a GLUE task."""
         return bool(self.train_file) or self.dataset not in GLUE_DATASETS
+
+    @property
+    def generative(self) -> bool:
+        """Whether this is a causal language model's data (prompt and completion, chat messages, or text)."""
+        return any(getattr(self, n) for n in LM_COLUMNS)
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 8, f"max_length must be at least 8, got {self.max_length}")
@@ -205,6 +228,21 @@ class DataArgs:
             )
         else:
             self.task = _task_name(self.train_file or self.dataset)
+        if self.generative:
+            forms = [bool(self.prompt_column or self.completion_column), bool(self.messages_column),
+                     bool(self.text_column)]  # fmt: skip
+            _require(sum(forms) == 1, "give one form of a language model's data: --prompt-column with "
+                     "--completion-column, --messages-column, or --text-column")  # fmt: skip
+            _require(
+                bool(self.prompt_column) == bool(self.completion_column),
+                "--prompt-column and --completion-column go together: the loss is on the completion",
+            )
+            classifier = [
+                n for n in ("text_columns", "id_column", "labels", "metric", "label_budget") if getattr(self, n)
+            ]
+            _require(not classifier and self.problem == "auto",
+                     f"{', '.join('--' + n.replace('_', '-') for n in classifier) or '--problem'} describe a "
+                     "classifier's data, not a language model's")  # fmt: skip
         if self.text_columns is not None:
             _require(
                 1 <= len(self.text_columns) <= 2, f"text_columns takes one or two columns, got {self.text_columns}"
@@ -255,14 +293,23 @@ class LoraArgs:
 class KDArgs:
     alpha: float = arg(0.5, "weight of the task loss; 1 - alpha weighs the distillation loss")
     temperature: float = arg(1.0, "softmax temperature T of the distillation loss (the paper's is 2)")
-    teacher_method: Literal["fft", "lora"] = arg(
-        "fft", "how --teacher-model is fine-tuned: fft (the paper's) or lora (merged; often better with few labels)"
+    teacher_method: Literal["fft", "lora", "none"] = arg(
+        "fft",
+        "how --teacher-model is fine-tuned: fft (the paper's), lora (merged; often better with few labels), or none "
+        "(a language model used as it is)",
     )
     teacher_lr: float | Literal["auto"] | None = arg(
         None, "learning rate of the teacher trained by --teacher-model (default: its method's: 5e-5 fft, auto lora)"
     )
     teacher_epochs: int | None = arg(None, "epochs of that teacher (default: its method's, 3 for fft, 5 for lora)")
     no_recompute: bool = arg(False, "fail instead of recomputing when no cached teacher logits match", results=False)
+    teacher_top_k: int = arg(
+        64, "a language model's teacher: the most probable tokens cached per learnt token (the rest is one bucket)"
+    )
+    divergence: Literal["forward", "reverse", "jsd"] = arg(
+        "forward", "a language model's KD divergence: forward KL (the paper's), reverse KL, or generalized JSD"
+    )
+    jsd_beta: float = arg(0.5, "--divergence jsd: the teacher's weight beta in the mixture (0.5: symmetric)")
     augment: int = arg(
         0,
         "transfer set: this many teacher-labelled variants of each training example (word pieces swapped for their "
@@ -322,8 +369,10 @@ class KDArgs:
         _require(self.augment_neighbours >= 1, f"augment_neighbours must be >= 1, got {self.augment_neighbours}")
         _require(not self.augment_mlm or self.augment > 0, "--augment-mlm makes the variants of --augment N: give N")
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _require(self.teacher_top_k >= 1, f"teacher_top_k must be >= 1, got {self.teacher_top_k}")
+        _require(0 < self.jsd_beta < 1, f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
         if self.teacher_lr is None:
-            self.teacher_lr = DEFAULT_LR[self.teacher_method]
+            self.teacher_lr = DEFAULT_LR.get(self.teacher_method, "auto")
         _require(self.teacher_lr == "auto" or self.teacher_lr > 0, f"teacher_lr must be > 0, got {self.teacher_lr}")
         _require(self.teacher_epochs is None or self.teacher_epochs > 0, "teacher_epochs must be > 0")
         _require(self.transfer_ratio is None or self.transfer_ratio > 0, "transfer_ratio must be > 0")
@@ -354,6 +403,13 @@ class TrainArgs:
         "(default auto for lora and kd-lora, 5e-5 for fft and kd-fft)",
     )
     batch_size: int = arg(32, "examples per optimizer step (per process, before accumulation)")
+    best_metric: Literal["nll", "exact_match", "agreement", "kl"] = arg(
+        "nll", "a language model: the validation metric that picks the best epoch (nll and kl: lower is better)"
+    )
+    generate_rows: int = arg(
+        64, "a language model: greedy completions of the first N validation rows per epoch, scored by exact match"
+    )
+    max_new_tokens: int = arg(32, "a language model: the most tokens a greedy completion may add")
     eval_batch_size: int = arg(64, "examples per evaluation batch")
     weight_decay: float = arg(0.01, "AdamW weight decay, not applied to biases and LayerNorm")
     warmup_ratio: float = arg(0.06, "fraction of steps with linear warmup")
@@ -396,6 +452,8 @@ class TrainArgs:
         _require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _require(self.lr == "auto" or self.lr > 0, f"lr must be > 0 or auto, got {self.lr}")
         _require(self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be > 0")
+        _require(self.generate_rows >= 0, f"generate_rows must be >= 0, got {self.generate_rows}")
+        _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _require(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _require(self.grad_accum_steps > 0, f"grad_accum_steps must be > 0, got {self.grad_accum_steps}")
@@ -439,6 +497,15 @@ class RunConfig:
         if method not in DISTILLED and any(getattr(kd, name) for name in distil_only):
             flags = ", ".join("--" + name.replace("_", "-") for name in distil_only)
             raise KdloraError(f"{flags} distil from a teacher: {method} has none (use kd-lora or kd-fft)")
+        if kd.teacher_method == "none" and not self.data.generative:
+            raise KdloraError("--teacher-method none uses a language model as it is; a classifier's teacher is "
+                              "fine-tuned first (fft or lora)")  # fmt: skip
+        if self.data.generative:
+            extra = [n for n in ("augment", "augment_mlm", "unlabeled_file", "unlabeled_rest", "transfer_ratio",
+                                 "hidden_weight", "attention_weight") if getattr(kd, n)]  # fmt: skip
+            if extra:
+                raise KdloraError(f"{', '.join('--' + n.replace('_', '-') for n in extra)} distil a classifier; a "
+                                  "language model is distilled token by token on its own data")  # fmt: skip
         if kd.unlabeled_rest and not self.data.label_budget:
             raise KdloraError("--unlabeled-rest distils on the rows that --label-budget N leaves out: give N")
 

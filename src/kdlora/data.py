@@ -135,7 +135,7 @@ def read_split(args: DataArgs, split: str) -> list[Example]:
     """Read one split: the user's own data, or args.task from args.data_dir (GLUE TSV or save_to_disk) or the hub."""
     if args.custom:
         task = load_task(args)
-        rows, source = _custom_rows(args, split)
+        rows, source = custom_rows(args, split)
         return _custom_examples(rows, task, args, split, source)
     task = get_task(args.task)
     if args.data_dir:
@@ -189,9 +189,9 @@ def load_task(args: DataArgs) -> Task:
     label columns; the labels, sorted, unless --labels fixes them; regression when the labels are floats)."""
     if not args.custom:
         return get_task(args.task)
-    rows, source = _custom_rows(args, "train")
+    rows, source = custom_rows(args, "train")
     text_columns = tuple(args.text_columns or _guess_text_columns(rows.column_names, source))
-    _require_columns(rows.column_names, [*text_columns, args.label_column], source)
+    require_columns(rows.column_names, [*text_columns, args.label_column], source)
     values = rows[args.label_column]
     dtype = getattr(rows.features[args.label_column], "dtype", "")
     regression = args.problem == "regression" or (args.problem == "auto" and dtype.startswith("float"))
@@ -228,7 +228,7 @@ def _guess_text_columns(columns: Sequence[str], source: str) -> tuple[str, ...]:
     )
 
 
-def _require_columns(columns: Sequence[str], needed: Sequence[str], source: str) -> None:
+def require_columns(columns: Sequence[str], needed: Sequence[str], source: str) -> None:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise KdloraError(
@@ -236,7 +236,7 @@ def _require_columns(columns: Sequence[str], needed: Sequence[str], source: str)
         )
 
 
-def _custom_rows(args: DataArgs, split: str) -> tuple[Any, str]:
+def custom_rows(args: DataArgs, split: str) -> tuple[Any, str]:
     """The rows of one split of the user's data (a `datasets.Dataset`) and where they came from, for messages."""
     if args.train_file:
         path = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}[split]
@@ -340,7 +340,7 @@ def _custom_examples(rows: Any, task: Task, args: DataArgs, split: str, source: 
         *([task.tsv_label] if labelled else []),
         *([args.id_column] if args.id_column else []),
     ]
-    _require_columns(rows.column_names, needed, source)
+    require_columns(rows.column_names, needed, source)
     columns = {c: rows[c] for c in needed}
     examples, seen = [], set()
     for row in range(len(rows)):
@@ -642,7 +642,7 @@ def iter_raw_rows(
             raise KdloraError(f"{where}: expected an object with named fields, got {type(record).__name__}")
         if columns is None:
             columns = tuple(text_columns or _guess_text_columns(list(record), str(path)))
-            _require_columns(list(record), [*columns, *([id_column] if id_column else [])], str(path))
+            require_columns(list(record), [*columns, *([id_column] if id_column else [])], str(path))
         texts = []
         for c in columns:
             value = record.get(c)

@@ -59,7 +59,9 @@ def render_chat(messages: Sequence[dict[str, str]], tokenizer: Any, row: int) ->
     prompt = tokenizer.apply_chat_template(list(messages[:-1]), tokenize=False, add_generation_prompt=True)
     if not full.startswith(prompt):
         raise KdloraError(f"row {row}: the chat template does not write the conversation as its prompt plus a turn")
-    return prompt, full[len(prompt) :]
+    # What the template writes after the turn's end (a newline before the next turn) is not the answer: a model
+    # that learnt it would be taught to go on after it has stopped.
+    return prompt, full[len(prompt) :].rstrip()
 
 
 def shared_vocabulary(teacher: Any, student: Any, teacher_rows: int, student_rows: int) -> tuple[int, str | None]:

@@ -182,6 +182,9 @@ class Parts:
     desc: str = "train"
     on_log: Callable[[dict[str, float], int], None] | None = None  # per optimizer step and per epoch (trackers)
     guard: Guard | None = None  # judges each epoch for a collapse (and may stop the loop for a restart)
+    # (model, eval_loaders, task, accelerator) -> (metrics with a `score`, the splits predicted as one constant);
+    # None: evaluate.evaluate, a classifier's or a regressor's. A causal LM brings its own (lm.LMEvaluator).
+    evaluate: Callable[..., tuple[dict[str, Any], list[str]]] | None = None
 
 
 @dataclass
@@ -291,7 +294,7 @@ def loop(parts: Parts) -> Record:
         flush()
 
         # Evaluate; keep the best epoch's trainable weights (only they can differ between epochs).
-        result, constant = evaluate(parts.model, parts.eval_loaders, parts.task, accelerator)
+        result, constant = (parts.evaluate or evaluate)(parts.model, parts.eval_loaders, parts.task, accelerator)
         if parts.guard is not None:  # before anything of this epoch is kept: a restart discards the attempt
             parts.guard.after_epoch(epoch + 1, constant, log.history)
         if constant:

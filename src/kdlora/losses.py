@@ -313,13 +313,14 @@ def topk_kd_sum(
 def chunked_lm_kd_sum(
     hidden: torch.Tensor,
     head: torch.Tensor,
-    teacher_log_top: torch.Tensor,
-    indices: torch.Tensor,
+    teacher_log_top: torch.Tensor | None,
+    indices: torch.Tensor | None,
     labels: torch.Tensor,
     temperature: float = 1.0,
     divergence: str = "forward",
     beta: float = 0.5,
     chunk: int = 256,
+    teacher_log_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal LM's two loss sums from its last hidden states, a chunk of tokens at a time: (Σ cross-entropy to
     `labels` over the completion tokens, Σ topk_kd_sum). Each chunk's [chunk, V] logits are made from the hidden
@@ -327,18 +328,25 @@ def chunked_lm_kd_sum(
     logits are never held whole, in the forward pass or the backward.
 
     hidden: [N, H] (the positions that predict the next token); head: [V, H] (the LM head's weight); labels: [N], the
-    next token id or IGNORE outside the completion; teacher_log_top, indices: [N, K]. Returns two scalars."""
+    next token id or IGNORE outside the completion; teacher_log_top, indices: [N, K], or None without a teacher (the
+    KD sum is then 0); teacher_log_tail: [N], the tail's cached log-mass. Returns two scalars."""
 
-    def part(h: torch.Tensor, w: torch.Tensor, log_top: torch.Tensor, idx: torch.Tensor, y: torch.Tensor):
+    def part(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, *teacher: torch.Tensor):
         logits = h @ w.T
         keep = y != IGNORE
         ce = F.cross_entropy(logits.float(), y.clamp(min=0), reduction="none")
-        kd = topk_kd_sum(logits, log_top, idx, keep, temperature, divergence, beta)
+        if not teacher:
+            return (ce * keep).sum(), ce.new_zeros(())
+        log_top, idx, *tail = teacher
+        kd = topk_kd_sum(logits, log_top, idx, keep, temperature, divergence, beta, tail[0] if tail else None)
         return (ce * keep).sum(), kd
 
     ce_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         s = slice(start, start + chunk)
-        ce, kd = checkpoint(part, hidden[s], head, teacher_log_top[s], indices[s], labels[s], use_reentrant=False)
+        teacher = [] if teacher_log_top is None else [teacher_log_top[s], indices[s]]
+        if teacher and teacher_log_tail is not None:
+            teacher.append(teacher_log_tail[s])
+        ce, kd = checkpoint(part, hidden[s], head, labels[s], *teacher, use_reentrant=False)
         ce_sum, kd_sum = ce_sum + ce, kd_sum + kd
     return ce_sum, kd_sum

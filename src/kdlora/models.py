@@ -124,6 +124,86 @@ def load_saved(path: str | Path, task: Task | None = None) -> tuple[nn.Module, A
     return model, prepare_tokenizer(load_tokenizer(str(path)), model.config, str(path))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Causal language models (generative KD-LoRA)
+
+
+def causal_lm_source(name: str) -> tuple[str, dict[str, str]]:
+    """Where transformers reads a causal LM from: a model directory (or hub id), or a .gguf file as
+    (its directory, gguf_file=its name), dequantized to fp32 on load."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return resolve_model_path(name), {}
+    if not path.is_file():
+        raise KdloraError(f"model file {name} does not exist")
+    try:
+        import gguf  # noqa: F401  transformers reads GGUF files with it
+    except ImportError:
+        raise KdloraError("reading a .gguf model needs the gguf package: pip install 'kdlora[lm]'") from None
+    return str(path.parent), {"gguf_file": path.name}
+
+
+def load_causal_lm(name: str, trust_remote_code: bool = False, weights: bool = True) -> tuple[nn.Module, Any]:
+    """A causal LM (fp32) and its tokenizer, with a pad token; weights=False: built on the meta device from its config
+    (shapes only), no tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, gguf = causal_lm_source(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
+    except (OSError, ValueError) as exc:
+        raise KdloraError(f"could not load language model '{name}': {str(exc).splitlines()[0][:160]}") from exc
+    try:
+        if not weights:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code), None
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, **gguf
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise KdloraError(f"model '{name}' ({config.model_type}) is not a causal language model") from exc
+        raise
+    if gguf:  # dequantized on load: nothing is quantized any more, and save_pretrained refuses a model marked so
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, prepare_tokenizer(load_lm_tokenizer(name, trust_remote_code), model.config, name)
+
+
+def load_lm_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
+    """A causal LM's tokenizer (from its directory or its .gguf file), with a pad token."""
+    from transformers import AutoTokenizer
+
+    path, gguf = causal_lm_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
+    except (OSError, ValueError) as exc:
+        raise KdloraError(f"could not load a tokenizer from {name}: {str(exc).splitlines()[0]}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise KdloraError(f"the tokenizer of '{name}' has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_lm_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
+    """peft LoRA on a causal LM: every linear layer of its decoder (attention and MLP projections) by default, never
+    the LM head (the output embedding, often tied to the input one, stays as it is)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ALL_LINEAR if args.target_modules in (None, [ALL_LINEAR]) else list(args.target_modules)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=args.r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=targets, use_dora=args.use_dora, use_rslora=args.use_rslora,
+        init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
+    )  # fmt: skip
+    model = get_peft_model(model, config)
+    check_rank(model, args.r)
+    return model
+
+
 def model_config(name: str, trust_remote_code: bool = False) -> Any:
     """The transformers config of a checkpoint (a path, the packaged MiniLM or a hub id)."""
     from transformers import AutoConfig

@@ -34,6 +34,7 @@ class Task:
         default_factory=lambda: {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
     )
     custom: bool = False  # built from the user's data: tsv_text/tsv_label are then its text and label columns
+    generative: bool = False  # a causal language model's data: tsv_text are its columns, no labels
 
     @property
     def text_columns(self) -> tuple[str, ...]:
@@ -41,7 +42,9 @@ class Task:
 
     @property
     def kind(self) -> str:
-        """The task kind's name (kinds.KINDS): a regression has no class labels."""
+        """The task kind's name (kinds.KINDS): a regression has no class labels, a generation no labels at all."""
+        if self.generative:
+            return "generation"
         return "classification" if self.labels else "regression"
 
     @property

@@ -15,6 +15,7 @@ import copy
 import math
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ def run(cfg: RunConfig, probe_only: bool = False) -> dict[str, Any]:
         cfg = copy.deepcopy(cfg)
         cfg.train.lr = "auto"
     state = process_state()
-    task = preflight(cfg)
+    pipe = pipeline(cfg)
+    task = pipe.preflight(cfg)
     kept = (rundir.TEACHER,) if cfg.train.method in DISTILLED else ()  # rundir.clear keeps a distilled run's teacher/
     rundir.refuse_own_inputs(cfg.train.output_dir, rundir.input_paths(cfg), kept=kept)
     with rundir.locked(cfg.train.output_dir) if state.is_main_process else contextlib.nullcontext():
@@ -89,12 +91,26 @@ def run(cfg: RunConfig, probe_only: bool = False) -> dict[str, Any]:
             rundir.clear(cfg)
         state.wait_for_everyone()
         teacher_run = None
-        if cfg.train.method in DISTILLED:
+        if cfg.train.method in DISTILLED and cfg.kd.teacher_method != "none":  # none: --teacher-model as it is
             teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else ensure_teacher(cfg)
-            teacher_model_dir(teacher_run, task)
+            pipe.check_teacher_run(teacher_run, task)
         if probe_only:
-            return build(cfg, teacher_run, resume).plan.record()
+            return pipe.build(cfg, teacher_run, resume).plan.record()
         return fit(cfg, teacher_run, resume)
+
+
+def pipeline(cfg: RunConfig) -> Any:
+    """What builds, checks and finishes a run of this data: this module's functions for a classifier or a regressor,
+    lm's for a causal language model (which builds on this module's lr plan and optimizer, so it is imported here)."""
+    if cfg.data.generative:
+        from kdlora import lm
+
+        return lm
+    return sys.modules[__name__]
+
+
+def check_teacher_run(run_dir: Path, task: Task) -> None:
+    teacher_model_dir(run_dir, task)
 
 
 def preflight(cfg: RunConfig) -> Task:
@@ -344,13 +360,13 @@ def trackers(cfg: RunConfig, accelerator: Any) -> Any:
 def fit(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Train one run into cfg.train.output_dir and write its outputs; returns the metrics record. A run that
     collapses (or whose loss becomes non-finite) restarts from its initial weights at a lower lr (--on-collapse)."""
-    out, plan = Path(cfg.train.output_dir), None
+    out, plan, pipe = Path(cfg.train.output_dir), None, pipeline(cfg)
     while True:
-        built = build(cfg, teacher_run, resume, plan)
+        built = pipe.build(cfg, teacher_run, resume, plan)
         reset_peak_memory(built.parts.accelerator.device)  # the peak covers training only: not a teacher before it
         t0 = time.perf_counter()
         try:
-            return finish(built, loop(built.parts))
+            return pipe.finish(built, loop(built.parts))
         except Collapse as collapse:
             plan = built.plan
             if cfg.train.on_collapse == "stop" or len(plan.restarts) >= MAX_RESTARTS:
@@ -380,15 +396,22 @@ def finish(built: Built, record: Record) -> dict[str, Any]:
             out / rundir.PREDICTIONS, parts.model, built.tokenizer, built.splits["test"], task, cfg.data.max_length,
             tc.eval_batch_size, accelerator,
         )  # fmt: skip
+    card = model_card(cfg, task, metrics, built.source, built.layers) if accelerator.is_main_process else ""
+    return write_outputs(cfg, accelerator, accelerator.unwrap_model(parts.model), built.tokenizer, card, metrics)
+
+
+def write_outputs(cfg: RunConfig, accelerator: Any, model: Any, tokenizer: Any, card: str,
+                  metrics: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """adapter/ (the LoRA methods) and merged/, each with the model card, then metrics.json, which marks the run
+    finished (the main process writes; the others wait). Returns the record."""
+    out = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
-        card = model_card(cfg, task, metrics, built.source, built.layers)
-        model = accelerator.unwrap_model(parts.model)
-        if tc.method in LORA_METHODS:
-            rundir.save_adapter(out, model, built.tokenizer, card)
+        if cfg.train.method in LORA_METHODS:
+            rundir.save_adapter(out, model, tokenizer, card)
             model = merge(model)
-        metrics["merged_mb"] = rundir.save_merged(out, model, built.tokenizer, card)
+        metrics["merged_mb"] = rundir.save_merged(out, model, tokenizer, card)
         rundir.write_metrics(out, metrics)
-    if tc.report_to:
+    if cfg.train.report_to:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return {"status": "finished", **metrics}

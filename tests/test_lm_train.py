@@ -1,0 +1,166 @@
+"""Generative KD-LoRA end to end on tiny in-process Llama models and a tokenizer built in-process: the teacher
+fine-tuned, a student cut from its decoder layers and distilled with LoRA from the teacher's cached top-k, its
+outputs (metrics, completions, a merged model that pipeline("text-generation") answers from); the loss of one
+optimizer step independent of how its rows fall into micro-batches; a killed run resumed; one-line refusals."""
+
+import json
+import random
+
+import pytest
+import torch
+from test_lm_data import WORDS, tokenizer
+
+from kdlora.cli import main
+
+QUESTIONS = ["is the cat good ?", "the cat is good ?", "is the cat ?", "the cat ?", "is good ?", "good cat ?"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory):
+    """A 4-layer Llama with the word-level tokenizer (16 output rows for 13 tokens: padding rows to cut), and
+    prompt/completion data whose answer is 'yes' when the prompt says 'good'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "teacher-base")
+    tokenizer().save_pretrained(root / "teacher-base")
+    rng = random.Random(0)
+    rows = [{"prompt": q, "completion": "yes" if "good" in q else "no"} for q in QUESTIONS for _ in range(6)]
+    rng.shuffle(rows)
+    return {
+        "root": root,
+        "model": root / "teacher-base",
+        "train": write_jsonl(root / "train.jsonl", rows[:28]),
+        "dev": write_jsonl(root / "dev.jsonl", rows[28:]),
+    }
+
+
+def lm_args(setup, out, *extra):
+    return ["train", "--train-file", str(setup["train"]), "--validation-file", str(setup["dev"]),
+            "--prompt-column", "prompt", "--completion-column", "completion", "--output-dir", str(out),
+            "--batch-size", "4", "--eval-batch-size", "8", "--quiet", "--seed", "1", *extra]  # fmt: skip
+
+
+def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup, tmp_path):
+    from transformers import pipeline
+
+    out = tmp_path / "kd"
+    main(lm_args(lm_setup, out, "--method", "kd-lora", "--teacher-model", str(lm_setup["model"]),
+                 "--teacher-lr", "3e-3", "--teacher-epochs", "3", "--student-layers", "0,2", "--lr", "3e-3",
+                 "--epochs", "2", "--teacher-top-k", "4", "--generate-rows", "4"))  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["kind"] == "generation" and m["status"] == "finished" and m["lr"] == 3e-3
+    for key in ("nll", "perplexity", "kl", "agreement", "exact_match"):
+        assert key in m and m[key] == m["epochs"][m["best_epoch"] - 1][key]
+    assert m["vocabulary"] == len(WORDS)  # the 3 padding rows cut
+    assert m["score"] == -m["nll"] and len(m["train_loss"]) == 2 * 7 and len(m["train_loss_kd"]) == 14
+    assert m["teacher_top_k"] == 4 and 0 < m["teacher_cache_bytes_per_token"] < 200
+    assert m["num_train_tokens"] == 28 * 2  # the answer and its end of text, per row
+    teacher = json.loads((out / "teacher" / "metrics.json").read_text())
+    assert teacher["method"] == "fft" and teacher["kind"] == "generation" and "kl" not in teacher
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 4 and all(g["reference"] in ("yes", "no") for g in generations)
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert merged["num_hidden_layers"] == 2 and (out / "adapter" / "adapter_config.json").is_file()
+    generate = pipeline("text-generation", model=str(out / "merged"), device="cpu")
+    answer = generate("is the cat good ?", max_new_tokens=2, do_sample=False)[0]["generated_text"]
+    assert answer.startswith("is the cat good ?") and len(answer) > len("is the cat good ?")
+    # A second student of the same teacher and data reads the teacher's cache, computing nothing.
+    again = tmp_path / "kd2"
+    main(lm_args(lm_setup, again, "--method", "kd-lora", "--teacher", str(out / "teacher"), "--student-layers",
+                 "1,3", "--lr", "3e-3", "--epochs", "1", "--teacher-top-k", "4", "--generate-rows", "0",
+                 "--no-recompute"))  # fmt: skip
+    m2 = json.loads((again / "metrics.json").read_text())
+    assert m2["teacher_rows_computed"] == 0 and m2["teacher_cache"] == m["teacher_cache"]
+    assert "exact_match" not in m2 and not (again / "generations.jsonl").exists()
+
+
+def _step_weights(lm_setup, window_rows, accum):
+    """The LoRA weights after one LMStep (plain SGD, lr 1) on the rows, in micro-batches of len // accum."""
+    from transformers import AutoModelForCausalLM
+
+    from kdlora.config import KDArgs, LoraArgs, TrainArgs
+    from kdlora.lm import HiddenStates, LMStep, WindowCollator, encode_rows
+    from kdlora.lm_data import LMRow
+    from kdlora.loop import build_accelerator
+    from kdlora.models import add_lm_lora
+
+    torch.manual_seed(0)
+    tok = tokenizer()
+    lm = add_lm_lora(AutoModelForCausalLM.from_pretrained(lm_setup["model"]), LoraArgs(lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 at init would give A no gradient
+    model = HiddenStates(lm, len(WORDS))
+    encoded = encode_rows([LMRow(i, prompt=r["prompt"], completion=r["completion"]) for i, r in enumerate(window_rows)],
+                          tok, 32)  # fmt: skip
+    window = WindowCollator(len(encoded) // accum, tok.pad_token_id)([(e, None) for e in encoded])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    step = LMStep(model, optimizer, scheduler, build_accelerator(TrainArgs()), KDArgs(), 0.0, distilled=False)
+    loss = step(window)
+    return loss, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_one_step_is_the_same_however_its_rows_fall_into_micro_batches(lm_setup):
+    rows = [{"prompt": "is the cat good ?", "completion": "yes"}, {"prompt": "the cat ?", "completion": "no no"},
+            {"prompt": "good cat ?", "completion": "yes"}, {"prompt": "is the cat ?", "completion": "no"}]  # fmt: skip
+    loss1, one = _step_weights(lm_setup, rows, 1)
+    loss2, two = _step_weights(lm_setup, rows, 2)  # 5 learnt tokens in the first micro-batch, 4 in the second
+    torch.testing.assert_close(loss1, loss2)
+    for n in one:
+        torch.testing.assert_close(one[n], two[n], rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(lm_setup, tmp_path, monkeypatch, capsys):
+    from kdlora import lm
+
+    args = ["--method", "lora", "--model", str(lm_setup["model"]), "--lr", "3e-3", "--epochs", "2",
+            "--save-steps", "3", "--generate-rows", "0"]  # fmt: skip
+    main(lm_args(lm_setup, tmp_path / "whole", *args))
+    calls = {"n": 0}
+    real = lm.LMStep.__call__
+
+    def dies(self, window):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt  # killed after the checkpoint at step 9
+        return real(self, window)
+
+    monkeypatch.setattr(lm.LMStep, "__call__", dies)
+    assert main(lm_args(lm_setup, tmp_path / "killed", *args)) != 0
+    monkeypatch.setattr(lm.LMStep, "__call__", real)
+    assert main(lm_args(lm_setup, tmp_path / "killed", *args)) == 0
+    assert f"resuming {tmp_path / 'killed'} at epoch 2" in capsys.readouterr().out
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    assert resumed["nll"] == pytest.approx(whole["nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt-column", "question"], "question"),
+        (["--student-layers", "0,7"], "out of range"),
+        (["--text-column", "prompt"], "one form"),
+        (["--hidden-weight", "1"], "distil a classifier"),
+    ],
+)
+def test_bad_settings_fail_in_one_line_before_training(lm_setup, tmp_path, capsys, extra, message):
+    args = lm_args(lm_setup, tmp_path / "bad", "--method", "kd-lora", "--teacher-model", str(lm_setup["model"]),
+                   *(["--student-layers", "0,2"] if "--student-layers" not in extra else []), *extra)  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "bad" / "teacher" / "metrics.json").exists()
