@@ -50,7 +50,7 @@ def lm_args(setup, out, *extra):
             "--batch-size", "4", "--eval-batch-size", "8", "--quiet", "--seed", "1", *extra]  # fmt: skip
 
 
-def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup, tmp_path):
+def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup, tmp_path, capsys):
     from transformers import pipeline
 
     out = tmp_path / "kd"
@@ -74,6 +74,17 @@ def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup
     generate = pipeline("text-generation", model=str(out / "merged"), device="cpu")
     answer = generate("is the cat good ?", max_new_tokens=2, do_sample=False)[0]["generated_text"]
     assert answer.startswith("is the cat good ?") and len(answer) > len("is the cat good ?")
+    # kdlora predict completes a raw file's prompts with the run's merged student, as pipeline() does.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("is the cat good ?\nthe cat ?\n")
+    assert main(["predict", "--model-dir", str(out), "--input-file", str(prompts), "--output-file",
+                 str(tmp_path / "completions.jsonl"), "--max-new-tokens", "2"]) == 0  # fmt: skip
+    done = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in done] == ["0", "1"]
+    assert done[0]["generated"] == answer[len("is the cat good ?") :].strip()
+    # Commands that read a classifier say, in one line, that this is not one (rather than load it with a new head).
+    assert main(["export", "--model-dir", str(out), "--output-dir", str(tmp_path / "onnx")]) == 2
+    assert "is a causal language model, not a classifier" in capsys.readouterr().err
     # A second student of the same teacher and data reads the teacher's cache, computing nothing.
     again = tmp_path / "kd2"
     main(lm_args(lm_setup, again, "--method", "kd-lora", "--teacher", str(out / "teacher"), "--student-layers",

@@ -407,6 +407,16 @@ def _predict_file(cmd: PredictArgs) -> int:
     """`predict --input-file`: the text columns are the flag's, else those the run was trained on, else guessed."""
     if not (cmd.input_file and cmd.output_file):
         raise KdloraError("--input-file and --output-file go together")
+    from kdlora import lm
+
+    if lm.is_causal_lm(cmd.model_dir):  # a language model completes each row's prompt
+        if cmd.text_columns and len(cmd.text_columns) > 1:
+            raise KdloraError("a language model completes one prompt a row: give one --text-columns column")
+        column = cmd.text_columns[0] if cmd.text_columns else None
+        rows = lm.generate_file(cmd.model_dir, cmd.input_file, cmd.output_file, column, cmd.id_column,
+                                cmd.batch_size, cmd.max_length, cmd.max_new_tokens)  # fmt: skip
+        print(f"wrote {rows} completions to {cmd.output_file}")
+        return 0
     stored = ((read_config(cmd.model_dir) or {}).get("data") or {}) if is_run(cmd.model_dir) else {}
     columns = cmd.text_columns or stored.get("text_columns")
     rows = predict_file(

@@ -50,8 +50,11 @@ class PredictArgs:
     output_dir: str | None = arg(None, "directory for the submission TSV(s)")
     max_length: int = arg(128, "truncate inputs to this many tokens")
     batch_size: int = arg(64, "rows per batch")
+    max_new_tokens: int = arg(32, "a language model: the most tokens a greedy completion adds")
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise KdloraError("--max-new-tokens must be at least 1")
         if self.batch_size <= 0 or self.max_length < 8:
             raise KdloraError("--batch-size must be > 0 and --max-length at least 8")
 

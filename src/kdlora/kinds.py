@@ -1,7 +1,7 @@
-"""Task kinds: what differs between classification and regression (and, next, generation), asked of one object per
-kind instead of tested for in every module. A kind knows the model's problem type, how a label is read and checked,
-how labels are batched, its task loss and distillation divergence, predictions from the model's output, the metrics,
-the strata of a label draw, the loss of a model that has learnt nothing, and how a prediction is written.
+"""Task kinds: what differs between classification and regression (and how a completion is written), asked of one
+object per kind instead of tested for in every module. A kind knows the model's problem type, how a label is read and
+checked, how labels are batched, its task loss and distillation divergence, predictions from the model's output, the
+metrics, the strata of a label draw, the loss of a model that has learnt nothing, and how a prediction is written.
 
 `kind_of(task)` gives a task's kind; `kind_of_model(config)` a saved model's, from its config.json."""
 
@@ -179,6 +179,23 @@ class Regression:
         return {"id": row[0], "prediction": row[1]}
 
 
+class Generation:
+    """A causal LM's completions: the kind of lm.py's pipeline, which brings its own batches, step and evaluation
+    (a causal LM's loss and metrics are per token, not per example), so this kind says only what the rest asks of it:
+    how a completion is written by `kdlora predict`."""
+
+    name, problem_type, one = "generation", "causal_lm", "completion"
+
+    def columns(self, names: Sequence[str]) -> list[str]:
+        return ["id", "generated"]
+
+    def rows(self, keys: Sequence[str], generated: Sequence[str], names: Sequence[str]) -> list[list[Any]]:
+        return [[k, g] for k, g in zip(keys, generated, strict=True)]
+
+    def record(self, row: list[Any], names: Sequence[str]) -> dict[str, Any]:
+        return {"id": row[0], "generated": row[1]}
+
+
 def label_key(value: Any) -> str:
     """A label value as the string it is matched and saved by (id2label): 'pos', '3', 'true'."""
     if isinstance(value, bool):
@@ -188,8 +205,8 @@ def label_key(value: Any) -> str:
     return str(value)
 
 
-CLASSIFICATION, REGRESSION = Classification(), Regression()
-KINDS: dict[str, Kind] = {k.name: k for k in (CLASSIFICATION, REGRESSION)}
+CLASSIFICATION, REGRESSION, GENERATION = Classification(), Regression(), Generation()
+KINDS: dict[str, Any] = {k.name: k for k in (CLASSIFICATION, REGRESSION, GENERATION)}
 
 
 def kind_of(task: Task) -> Kind:

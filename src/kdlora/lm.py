@@ -653,3 +653,50 @@ def lm_card(cfg: RunConfig, metrics: dict[str, Any], source: str, layers: list[i
         + "\n".join(figures)
         + "\n"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kdlora predict: completions of a raw file's prompts
+
+
+def is_causal_lm(model_path: str | Path) -> bool:
+    """Whether a run directory's merged model (or a model directory) is a causal LM."""
+    config = rundir.model_dir(model_path) / "config.json"
+    archs = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    return any(a.endswith("ForCausalLM") for a in archs)
+
+
+def generate_file(model_path: str | Path, input_file: str | Path, output_file: str | Path,
+                  column: str | None = None, id_column: str | None = None, batch_size: int = 16,
+                  max_length: int = 128, max_new_tokens: int = 32) -> int:  # fmt: skip
+    """Greedy completions of every prompt of a raw file (CSV, TSV, JSONL, JSON, Parquet or one prompt a line), in
+    input order, a batch at a time, to a .csv or .jsonl file written whole or not at all. A run trained on chat
+    messages gets each prompt as a user turn rendered by the chat template; otherwise the prompt is the text as it
+    is, as in training. Returns the number of rows written."""
+    from kdlora.data import iter_raw_rows
+    from kdlora.env import default_device
+    from kdlora.evaluate import PredictionWriter, _chunks
+    from kdlora.kinds import GENERATION
+    from kdlora.rundir import refuse_own_inputs
+
+    refuse_own_inputs(output_file, [("--input-file", input_file), ("--model-dir", model_path)], "--output-file")
+    data = ((rundir.read_config(model_path) or {}).get("data") or {}) if rundir.is_run(model_path) else {}
+    column = column or data.get("prompt_column") or data.get("text_column")
+    chat = bool(data.get("messages_column"))
+    lm, tokenizer = load_causal_lm(str(rundir.model_dir(model_path)))
+    lm.to(default_device())
+
+    def prompt_ids(i: int, text: str) -> Encoded:
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+        ids = tokenizer(text, add_special_tokens=not chat)["input_ids"][-max_length:]
+        return Encoded(i, ids, [], ids, None)
+
+    rows = iter_raw_rows(input_file, [column] if column else None, id_column)
+    with PredictionWriter(output_file, [], GENERATION) as writer:
+        for chunk in _chunks(rows, batch_size):
+            keys, texts, _ = zip(*chunk, strict=True)
+            encoded = [prompt_ids(i, t) for i, t in enumerate(texts)]
+            writer.write(list(keys), greedy(lm, tokenizer, encoded, max_new_tokens, batch_size))
+    return writer.rows

@@ -114,10 +114,16 @@ def load_classifier(
 
 def load_saved(path: str | Path, task: Task | None = None) -> tuple[nn.Module, Any]:
     """A saved classifier (a finished run's merged model, or a model directory) and the tokenizer saved with it,
-    fitted to the model; checked against `task` when given. Every saved model kdlora reads is loaded here."""
-    from transformers import AutoModelForSequenceClassification
+    fitted to the model; checked against `task` when given. Every saved classifier kdlora reads is loaded here."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = model_dir(path)
+    archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):  # a classifier class would load it with a random head
+        raise KdloraError(
+            f"{path} is a causal language model, not a classifier: `kdlora predict --input-file` completes prompts "
+            "with it, and transformers' pipeline('text-generation') loads it as it is"
+        )
     model = AutoModelForSequenceClassification.from_pretrained(path)
     if task is not None and model.config.num_labels != task.num_labels:
         raise KdloraError(f"{path} has {model.config.num_labels} labels; {task.name} has {task.num_labels}")
