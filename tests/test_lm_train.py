@@ -93,6 +93,11 @@ def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup
     m2 = json.loads((again / "metrics.json").read_text())
     assert m2["teacher_rows_computed"] == 0 and m2["teacher_cache"] == m["teacher_cache"]
     assert "exact_match" not in m2 and not (again / "generations.jsonl").exists()
+    # report gives language models their own table: the three runs, their per-token figures and the loss curves.
+    assert main(["report", str(tmp_path), "--quiet"]) == 0
+    table = (tmp_path / "generative.md").read_text()
+    assert "| kd/teacher | fft |" in table and "| kd | kd-lora | 0.5 |" in table and "| kd2 | kd-lora |" in table
+    assert (tmp_path / "generative_loss.png").stat().st_size > 0
 
 
 def _step_weights(lm_setup, window_rows, accum):
@@ -175,3 +180,13 @@ def test_bad_settings_fail_in_one_line_before_training(lm_setup, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "bad" / "teacher" / "metrics.json").exists()
+
+
+def test_compare_refuses_a_language_models_data_in_one_line(lm_setup, tmp_path, capsys):
+    (tmp_path / "lm.yaml").write_text("data: {prompt_column: prompt, completion_column: completion}\n")
+    args = ["compare", "--train-file", str(lm_setup["train"]), "--validation-file", str(lm_setup["dev"]), "--config",
+            str(tmp_path / "lm.yaml"), "--tasks", "lm", "--teacher-model", str(lm_setup["model"]), "--student-layers",
+            "0,2", "--output-dir", str(tmp_path / "o")]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not take a language model's data yet (--prompt-column, --completion-column)" in err[0]

@@ -19,6 +19,7 @@ from typing import Any
 from kdlora.bench import BenchArgs, run_bench, to_markdown
 from kdlora.compare import BUDGET_ARMS, ERROR_FILE_ENV, CompareArgs, run_compare
 from kdlora.config import (
+    LM_COLUMNS,
     PRESETS,
     DataArgs,
     build_config,
@@ -472,8 +473,17 @@ def _compare_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     return common, arms
 
 
+def _refuse_lm_data(data: dict[str, Any], command: str) -> None:
+    """compare runs classifiers' arms for now: a language model's data is one line, not a crash later."""
+    given = [f"--{n.replace('_', '-')}" for n in LM_COLUMNS if data.get(n)]
+    if given:
+        raise KdloraError(f"{command} does not take a language model's data yet ({', '.join(given)}): train each "
+                          "arm with kdlora train")  # fmt: skip
+
+
 def _compare(args: argparse.Namespace) -> int:
     common, arms = _compare_layers(args)
+    _refuse_lm_data({k: v for a in (common, *arms.values()) for k, v in a.get("data", {}).items()}, "compare")
     run_compare(_command(args, CompareArgs, common=common, arms=arms, preset=args.preset))
     return 0
 

@@ -480,7 +480,8 @@ def teacher_targets(
         say(notice)
     root = (teacher_run if teacher_run is not None else rundir.teacher_dir(cfg.train.output_dir)) / TOPK
     common = {"teacher": weights_hash(source), "tokenizer": tokenizer_hash(ttok), "max_length": cfg.data.max_length}
-    caches = {s: TopKCache(root, {**common, "data": data_hash(e)}, cfg.kd.teacher_top_k, cfg.kd.temperature)
+    k = min(cfg.kd.teacher_top_k, vocab)  # a vocabulary smaller than k: every token, no tail
+    caches = {s: TopKCache(root, {**common, "data": data_hash(e)}, k, cfg.kd.temperature)
               for s, e in encoded.items()}  # fmt: skip
     missing = [s for s, c in caches.items() if not c.complete(len(encoded[s]))]
     t0, computed = time.perf_counter(), 0
@@ -497,7 +498,7 @@ def teacher_targets(
         del teacher
     accelerator.wait_for_everyone()
     record = {
-        "teacher": source, "teacher_top_k": cfg.kd.teacher_top_k, "teacher_temperature": cfg.kd.temperature,
+        "teacher": source, "teacher_top_k": k, "teacher_temperature": cfg.kd.temperature,
         "teacher_cache": str(caches["train"].dir), "teacher_cache_bytes_per_token": caches["train"].bytes_per_token(),
         "teacher_rows_computed": computed, "teacher_cache_seconds": time.perf_counter() - t0, "vocabulary": vocab,
     }  # fmt: skip

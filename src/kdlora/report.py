@@ -541,10 +541,13 @@ def write_report(
     runs, unfinished = find_runs(root)
     # Runs on a label budget make the learning curve, not the tables of the full labelled sets.
     curve = [r for r in runs if budget_of(r.config)]
-    runs = [r for r in runs if not budget_of(r.config)]
+    # Language models have their own table: per-token figures, not a task score out of 100.
+    generative = [r for r in runs if r.metrics.get("kind") == "generation"]
+    runs = [r for r in runs if not budget_of(r.config) and r not in generative]
     curve_md = write_curve(curve, dest, quiet) if curve else None
-    if not runs and curve_md is not None:
-        return curve_md
+    generative_md = write_generative(generative, root, dest, quiet) if generative else None
+    if not runs and (curve_md or generative_md) is not None:
+        return curve_md or generative_md
     if not runs:
         raise KdloraError(
             f"no finished kdlora runs under {root}" + (f" ({len(unfinished)} unfinished)" * bool(unfinished))
@@ -611,6 +614,65 @@ def write_report(
             "score_vs_params.png and (when the runs were timed) pareto.png beside it"
         )
     return dest / "report.md"
+
+
+GENERATIVE = ("nll", "perplexity", "kl", "agreement", "exact_match")
+
+
+def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = False) -> Path:
+    """generative.md, generative.csv and generative_loss.png in `dest`: a causal LM's runs, one row each (validation
+    figures of the best epoch, sizes, costs, the teacher cache), and their training-loss curves."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (r.task, r.method, str(r.path))):
+        m = r.metrics
+        rows.append({
+            "run": str(r.path.relative_to(root)), "task": r.task, "method": r.method,
+            "alpha": r.config.get("kd", {}).get("alpha") if r.method in ("kd-lora", "kd-fft") else None,
+            **{k: m.get(k) for k in GENERATIVE}, "best_epoch": m.get("best_epoch"), "lr": r.lr[0],
+            "trainable_params": m.get("trainable_params"), "total_params": m.get("total_params"),
+            "train_s": m.get("train_seconds"), "train_tokens_per_s": m.get("train_tokens_per_second"),
+            "peak_mb": m.get("peak_memory_mb"), "cache_bytes_per_token": m.get("teacher_cache_bytes_per_token"),
+        })  # fmt: skip
+    header = ["run", "method", "α", "NLL", "ppl", "KL to teacher", "agreement %", "exact match %", "params",
+              "train s", "train tok/s", "peak MB", "cache B/token"]  # fmt: skip
+    table = _md(header, [[
+        r["run"], r["method"], r["alpha"], _f(r["nll"], ".3f"), _f(r["perplexity"], ".2f"), _f(r["kl"], ".3f"),
+        _f(r["agreement"]), _f(r["exact_match"]), f"{r['total_params']:,}" if r["total_params"] else None,
+        _f(r["train_s"], ".0f"), _f(r["train_tokens_per_s"], ".1f"), _f(r["peak_mb"], ".0f"),
+        _f(r["cache_bytes_per_token"], ".0f"),
+    ] for r in rows])  # fmt: skip
+    lines = [
+        "# Language models: validation figures per run",
+        "",
+        f"{len(runs)} finished runs. Per completion token of the validation rows, at each run's best epoch: NLL "
+        "(nats) and perplexity; KL(teacher ‖ student) over the teacher's cached top-k and tail, and top-1 agreement "
+        "(distilled runs); exact match of greedy completions of the first validation rows. params: the deployed "
+        "model's (LoRA merged).",
+        "",
+        *table,
+        "",
+        "![training loss](generative_loss.png)",
+    ]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        loss = r.metrics.get("train_loss") or []
+        if loss:
+            ax.plot(range(1, len(loss) + 1), _smooth(loss, 10), label=str(r.path.relative_to(root)))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss per learnt token (smoothed)")
+    ax.legend(fontsize=7)
+    _save_png(fig, dest / "generative_loss.png")
+    atomic_write_text(dest / "generative.md", "\n".join(lines) + "\n")
+    atomic_write_text(dest / "generative.csv", _csv(rows))
+    if not quiet:
+        print("\n".join(table))
+        print(f"\nwrote {dest / 'generative.md'} with generative.csv and generative_loss.png beside it")
+    return dest / "generative.md"
 
 
 def table1_rows(cells: dict[tuple[str, str], Cell], avg: dict[str, Cell]) -> list[dict[str, Any]]:
