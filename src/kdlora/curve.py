@@ -149,9 +149,16 @@ def write_curve(runs: list[Any], dest: Path, quiet: bool = False) -> Path:
         "![score against labelled rows](label_budget.png)",
     ]
     curve_png(cells, dest / "label_budget.png")
-    atomic_write_text(dest / "label_budget.md", "\n".join(lines) + "\n")
-    atomic_write_text(dest / "label_budget.csv", _csv(rows))
+    return write_table(dest, "label_budget", lines, rows, table, quiet)
+
+
+def write_table(dest: Path, stem: str, lines: list[str], rows: list[dict[str, Any]], table: list[str],
+                quiet: bool) -> Path:  # fmt: skip
+    """STEM.md (the lines) and STEM.csv (the rows) in `dest`, the table printed unless quiet; returns the .md's path
+    (the figure STEM.png is the caller's)."""
+    atomic_write_text(dest / f"{stem}.md", "\n".join(lines) + "\n")
+    atomic_write_text(dest / f"{stem}.csv", _csv(rows))
     if not quiet:
         print("\n".join(table))
-        print(f"\nwrote {dest / 'label_budget.md'} with label_budget.csv and label_budget.png beside it")
-    return dest / "label_budget.md"
+        print(f"\nwrote {dest / (stem + '.md')} with {stem}.csv and {stem}.png beside it")
+    return dest / f"{stem}.md"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlora.config import DISTILLED, LORA_METHODS, METHODS, LoraArgs, arg
-from kdlora.curve import budget_of, write_curve
+from kdlora.curve import budget_of, write_curve, write_table
 from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_bytes, atomic_write_text
 from kdlora.models import build_model, count_parameters, deployed_parameters
@@ -620,7 +620,7 @@ GENERATIVE = ("nll", "perplexity", "kl", "agreement", "exact_match")
 
 
 def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = False) -> Path:
-    """generative.md, generative.csv and generative_loss.png in `dest`: a causal LM's runs, one row each (validation
+    """generative.md, generative.csv and generative.png in `dest`: a causal LM's runs, one row each (validation
     figures of the best epoch, sizes, costs, the teacher cache), and their training-loss curves."""
     rows = []
     for r in sorted(runs, key=lambda r: (r.task, r.method, str(r.path))):
@@ -651,7 +651,7 @@ def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = Fals
         "",
         *table,
         "",
-        "![training loss](generative_loss.png)",
+        "![training loss](generative.png)",
     ]
     import matplotlib
 
@@ -666,13 +666,8 @@ def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = Fals
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss per learnt token (smoothed)")
     ax.legend(fontsize=7)
-    _save_png(fig, dest / "generative_loss.png")
-    atomic_write_text(dest / "generative.md", "\n".join(lines) + "\n")
-    atomic_write_text(dest / "generative.csv", _csv(rows))
-    if not quiet:
-        print("\n".join(table))
-        print(f"\nwrote {dest / 'generative.md'} with generative.csv and generative_loss.png beside it")
-    return dest / "generative.md"
+    _save_png(fig, dest / "generative.png")
+    return write_table(dest, "generative", lines, rows, table, quiet)
 
 
 def table1_rows(cells: dict[tuple[str, str], Cell], avg: dict[str, Cell]) -> list[dict[str, Any]]:
