@@ -613,12 +613,13 @@ def finish(built: LMBuilt, record: Any) -> dict[str, Any]:
     memory = peak_memory(accelerator.device)
     progress = record.progress
     best = {k: v for k, v in progress.epochs[progress.best_epoch - 1].items() if k != "epoch"}
-    train_tokens = sum(len(predicted(e.labels)) for e in built.encoded["train"])
+    train_tokens = sum(len(predicted(e.labels)) for e in built.encoded["train"])  # learnt
+    seen = sum(len(e.input_ids) for e in built.encoded["train"])  # read (prompt and completion)
     metrics = {
         "task": parts.task.name, "method": tc.method, "kind": "generation", **best,
         "best_epoch": progress.best_epoch, "best_metric": tc.best_metric, "epochs": progress.epochs,
         **{k: progress.history[k] for k in parts.keys}, **built.params, "train_seconds": record.train_seconds,
-        "train_tokens_per_second": train_tokens * len(progress.epochs) / max(record.train_seconds, 1e-9),
+        "train_tokens_per_second": seen * len(progress.epochs) / max(record.train_seconds, 1e-9),
         "peak_memory_mb": memory[0], "peak_memory_kind": memory[1], "num_train_examples": len(built.encoded["train"]),
         "num_train_tokens": train_tokens, "num_eval_examples": {"validation": len(built.encoded["validation"])},
         "device": str(accelerator.device), "num_processes": accelerator.num_processes,
