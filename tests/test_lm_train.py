@@ -65,6 +65,7 @@ def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup
     assert m["score"] == -m["nll"] and len(m["train_loss"]) == 2 * 7 and len(m["train_loss_kd"]) == 14
     assert m["teacher_top_k"] == 4 and 0 < m["teacher_cache_bytes_per_token"] < 200
     assert m["num_train_tokens"] == 28 * 2  # the answer and its end of text, per row
+    assert m["train_tokens_per_second"] > 0 and m["generate_tokens_per_second"] > 0
     teacher = json.loads((out / "teacher" / "metrics.json").read_text())
     assert teacher["method"] == "fft" and teacher["kind"] == "generation" and "kl" not in teacher
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]

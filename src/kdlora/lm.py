@@ -285,8 +285,13 @@ class LMStep:
 
 
 @torch.inference_mode()
-def greedy(lm: nn.Module, tokenizer: Any, rows: Sequence[Encoded], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions of the rows' prompts, left-padded in batches."""
+def greedy(lm: nn.Module, tokenizer: Any, rows: Sequence[Encoded], max_new_tokens: int, batch_size: int,
+           stats: dict[str, float] | None = None) -> list[str]:  # fmt: skip
+    """Greedy completions of the rows' prompts, left-padded in batches; `stats` gets the tokens generated (each row's
+    up to its end of text) and the seconds it took."""
+    import time
+
+    t0 = time.perf_counter()
     lm.eval()
     device = next(lm.parameters()).device
     out = []
@@ -300,6 +305,12 @@ def greedy(lm: nn.Module, tokenizer: Any, rows: Sequence[Encoded], max_new_token
         new = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                           do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, width:]  # fmt: skip
         out += [tokenizer.decode(x, skip_special_tokens=True).strip() for x in new.tolist()]
+        if stats is not None:
+            ends = [row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+                    for row in new.tolist()]  # fmt: skip
+            stats["tokens"] = stats.get("tokens", 0) + sum(ends)
+    if stats is not None:
+        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
     return out
 
 
@@ -630,7 +641,11 @@ def finish(built: LMBuilt, record: Any) -> dict[str, Any]:
     evaluator = built.evaluator
     if evaluator.samples():  # the best epoch's completions: the last evaluation's may be another epoch's
         lm = accelerator.unwrap_model(parts.model).lm
-        evaluator.generated = greedy(lm, built.tokenizer, evaluator.samples(), tc.max_new_tokens, tc.eval_batch_size)
+        timed: dict[str, float] = {}
+        evaluator.generated = greedy(lm, built.tokenizer, evaluator.samples(), tc.max_new_tokens, tc.eval_batch_size,
+                                     timed)  # fmt: skip
+        # Greedy decoding with the KV cache, unmerged LoRA, batches of --eval-batch-size, on the run's device.
+        metrics["generate_tokens_per_second"] = timed["tokens"] / max(timed["seconds"], 1e-9)
     if accelerator.is_main_process and evaluator.samples():
         evaluator.write(out / GENERATIONS)
     card = lm_card(cfg, metrics, built.source, built.layers)

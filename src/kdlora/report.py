@@ -631,14 +631,16 @@ def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = Fals
             **{k: m.get(k) for k in GENERATIVE}, "best_epoch": m.get("best_epoch"), "lr": r.lr[0],
             "trainable_params": m.get("trainable_params"), "total_params": m.get("total_params"),
             "train_s": m.get("train_seconds"), "train_tokens_per_s": m.get("train_tokens_per_second"),
+            "generate_tokens_per_s": m.get("generate_tokens_per_second"),
             "peak_mb": m.get("peak_memory_mb"), "cache_bytes_per_token": m.get("teacher_cache_bytes_per_token"),
         })  # fmt: skip
     header = ["run", "method", "α", "NLL", "ppl", "KL to teacher", "agreement %", "exact match %", "params",
-              "train s", "train tok/s", "peak MB", "cache B/token"]  # fmt: skip
+              "train s", "train tok/s", "generate tok/s", "peak MB", "cache B/token"]  # fmt: skip
     table = _md(header, [[
         r["run"], r["method"], r["alpha"], _f(r["nll"], ".3f"), _f(r["perplexity"], ".2f"), _f(r["kl"], ".3f"),
         _f(r["agreement"]), _f(r["exact_match"]), f"{r['total_params']:,}" if r["total_params"] else None,
-        _f(r["train_s"], ".0f"), _f(r["train_tokens_per_s"], ".1f"), _f(r["peak_mb"], ".0f"),
+        _f(r["train_s"], ".0f"), _f(r["train_tokens_per_s"], ".1f"), _f(r["generate_tokens_per_s"], ".1f"),
+        _f(r["peak_mb"], ".0f"),
         _f(r["cache_bytes_per_token"], ".0f"),
     ] for r in rows])  # fmt: skip
     lines = [
@@ -647,7 +649,8 @@ def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = Fals
         f"{len(runs)} finished runs. Per completion token of the validation rows, at each run's best epoch: NLL "
         "(nats) and perplexity; KL(teacher ‖ student) over the teacher's cached top-k and tail, and top-1 agreement "
         "(distilled runs); exact match of greedy completions of the first validation rows. params: the deployed "
-        "model's (LoRA merged).",
+        "model's (LoRA merged); train tok/s: every token read (prompt and completion) per second of training; "
+        "generate tok/s: greedy decoding of those rows with the KV cache (adapters unmerged).",
         "",
         *table,
         "",
