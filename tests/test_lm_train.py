@@ -130,6 +130,24 @@ def test_a_qwen2_student_cut_from_its_layers_trains_on_chat_messages(lm_setup, t
     assert json.loads((out / "merged" / "config.json").read_text())["model_type"] == "qwen2"
 
 
+def test_lora_on_plain_text_picks_its_own_lr(lm_setup, tmp_path):
+    """--text-column (every token learnt) and the default --lr auto: the range test runs on the LM's own step."""
+    texts = [
+        {"text": f"{r['prompt']} {r['completion']}"}
+        for r in map(json.loads, lm_setup["train"].read_text().splitlines())
+    ]
+    write_jsonl(tmp_path / "text.jsonl", texts)
+    out = tmp_path / "run"
+    main(["train", "--method", "lora", "--model", str(lm_setup["model"]), "--train-file", str(tmp_path / "text.jsonl"),
+          "--validation-file", str(tmp_path / "text.jsonl"), "--text-column", "text", "--epochs", "1", "--quiet",
+          "--output-dir", str(out)])  # fmt: skip
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["lr_chosen_by"] == "auto" and (out / "lr.json").is_file() and (out / "lr_find.png").is_file()
+    assert "exact_match" not in m and not (out / "generations.jsonl").exists()  # a text has no answer to match
+    tok = tokenizer()
+    assert m["num_train_tokens"] == sum(len(tok(t["text"])["input_ids"]) - 1 for t in texts)  # all but the first
+
+
 def _step_weights(lm_setup, window_rows, accum):
     """The LoRA weights after one LMStep (plain SGD, lr 1) on the rows, in micro-batches of len // accum."""
     from transformers import AutoModelForCausalLM
