@@ -239,3 +239,39 @@ def test_compare_refuses_a_language_models_data_in_one_line(lm_setup, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "does not take a language model's data yet (--prompt-column, --completion-column)" in err[0]
+
+
+def test_two_cpu_processes_count_every_validation_token_once(lm_setup, tmp_path):
+    """accelerate launch, 2 processes (gloo): 3 validation batches over 2 processes, none counted twice: the NLL is
+    the one a single process computes on the merged model."""
+    import subprocess
+
+    from test_distributed import LAUNCH
+    from transformers import AutoModelForCausalLM
+
+    from kdlora.lm import encode_rows
+    from kdlora.lm_data import LMRow
+    from kdlora.topk_cache import predicted
+
+    out = tmp_path / "run"
+    cmd = [*LAUNCH, *lm_args(lm_setup, out, "--method", "kd-lora", "--teacher-model", str(lm_setup["model"]),
+                             "--teacher-epochs", "1", "--teacher-lr", "3e-3", "--student-layers", "0,2", "--lr",
+                             "3e-3", "--epochs", "1", "--eval-batch-size", "2", "--max-eval-samples", "5",
+                             "--generate-rows", "0")[1:]]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_processes"] == 2 and len(m["train_loss"]) == 4  # 28 rows / (4 per process x 2)
+    model = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    rows = [LMRow(i, prompt=r["prompt"], completion=r["completion"])
+            for i, r in enumerate(map(json.loads, lm_setup["dev"].read_text().splitlines()))][:5]  # fmt: skip
+    total = count = 0
+    with torch.no_grad():
+        for e in encode_rows(rows, tokenizer(), 128):
+            at = predicted(e.labels)
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, at, : len(WORDS)]
+            total += torch.nn.functional.cross_entropy(
+                logits, torch.tensor([e.labels[t + 1] for t in at]), reduction="sum"
+            )
+            count += len(at)
+    assert m["nll"] == pytest.approx(float(total) / count, rel=1e-5)

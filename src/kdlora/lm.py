@@ -330,10 +330,18 @@ class LMEvaluator:
     def __call__(self, model: Any, loaders: dict[str, Any], task: Task, accelerator: Any) -> tuple[dict, list[str]]:
         model.eval()
         kd = self.cfg.kd
+        from accelerate.utils import send_to_device
+
         sums = torch.zeros(4, dtype=torch.float64)  # nll, kl, agreeing tokens, tokens
-        for window in loaders["validation"]:
-            for b in window.batches:
-                hidden, head = model(b.input_ids, b.attention_mask)
+        # The loader is not accelerate's: each process takes every n-th batch, so no row is counted twice (accelerate
+        # evens out processes by repeating rows, which a sum would count twice).
+        # The unwrapped model: processes run different numbers of batches, so no forward may wait on the others.
+        inner = accelerator.unwrap_model(model)
+        for i, window in enumerate(loaders["validation"]):
+            if i % accelerator.num_processes != accelerator.process_index:
+                continue
+            for b in send_to_device(window, accelerator.device).batches:
+                hidden, head = inner(b.input_ids, b.attention_mask)
                 logits = hidden[b.rows, b.positions].float() @ head.float().T
                 nll = torch.nn.functional.cross_entropy(logits, b.targets, reduction="sum")
                 kl = agree = torch.zeros(())
@@ -342,9 +350,8 @@ class LMEvaluator:
                     log_q = student_buckets(logits, b.teacher_idx, kd.temperature)
                     kl = token_divergence(log_p, log_q, "forward").sum()
                     agree = (logits.argmax(-1) == b.teacher_idx[:, 0]).sum()
-                part = torch.stack([nll, kl, agree.float(), torch.tensor(float(len(b.targets)))]).double()
-                sums += accelerator.reduce(part.to(accelerator.device), reduction="sum").cpu()
-        nll, kl, agree, n = sums.tolist()
+                sums += torch.stack([nll, kl, agree.float(), torch.tensor(float(len(b.targets)))]).double().cpu()
+        nll, kl, agree, n = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
         result = {"nll": nll / n, "perplexity": math.exp(min(nll / n, 50.0))}
         if self.distilled:
             result |= {"kl": kl / n, "agreement": 100 * agree / n}
@@ -592,9 +599,8 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
             if plan.probe is not None and not (out / rundir.LR_PLOT).is_file():
                 plot(plan.probe, out / rundir.LR_PLOT, f"{tc.method} {task.name}: lr range test")
     accelerator.wait_for_everyone()
-    optimizer, scheduler, train_loader, eval_loaders, total = prepare_training(
-        tc, plan.lr, wrapped, loaders, accelerator, None
-    )
+    optimizer, scheduler, train_loader, _, total = prepare_training(tc, plan.lr, wrapped, loaders, accelerator, None)
+    eval_loaders = loaders.eval  # as they are: LMEvaluator shards them itself
     keys = ["train_loss", "train_loss_task", "train_loss_kd"] if distilled else ["train_loss"]
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
     evaluator = LMEvaluator(encoded["validation"], tokenizer, cfg, distilled)
