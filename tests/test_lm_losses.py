@@ -125,3 +125,15 @@ def test_the_chunked_loss_equals_the_unchunked_one_in_value_and_gradient(chunk):
     (ref_ce + ref_kd).backward()
     torch.testing.assert_close((ce, kd), (ref_ce, ref_kd), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads, (hidden.grad, head.grad), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_an_empty_teacher_tail_keeps_every_divergence_finite(divergence):
+    """A cached tail of -inf (the teacher's top k held all its mass) must not make the reverse KL or JSD infinite."""
+    torch.manual_seed(0)
+    student = torch.randn(4, 10, requires_grad=True)
+    log_top, idx = topk_targets(torch.randn(4, 10), 3)
+    empty = torch.full((4,), float("-inf"))
+    loss = topk_kd_sum(student, log_top, idx, torch.ones(4), divergence=divergence, teacher_log_tail=empty)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()

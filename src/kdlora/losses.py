@@ -282,6 +282,9 @@ def token_divergence(
     raise ValueError(f"unknown divergence {divergence!r}: forward, reverse or jsd")
 
 
+TAIL_FLOOR = math.log(1e-12)  # the least log-mass a cached teacher tail is read with (see topk_kd_sum)
+
+
 def topk_kd_sum(
     student_logits: torch.Tensor,
     teacher_log_top: torch.Tensor,
@@ -304,6 +307,10 @@ def topk_kd_sum(
         tail = torch.full_like(log_top[:, 0], float("-inf"))
     else:
         tail = teacher_log_tail.float() if teacher_log_tail is not None else log_tail(log_top)
+        # A tail the teacher left empty (its top k held all the mass, to fp precision) is -inf, and the reverse KL
+        # and JSD read the student's mass there against it: infinite. A floor of 1e-12 keeps them finite and moves
+        # the forward KL by less than that.
+        tail = tail.clamp(min=TAIL_FLOOR)
     log_p = torch.cat([log_top, tail[:, None]], dim=-1)
     log_q = student_buckets(student_logits, indices, temperature)
     per_token = token_divergence(log_p, log_q, divergence, beta)
