@@ -37,7 +37,7 @@ from kdlora.models import add_lm_lora, keep_layers, load_causal_lm, load_lm_toke
 from kdlora.tasks import Task
 from kdlora.topk_cache import TopKCache, fill_from_model, predicted
 
-GENERATIONS = "generations.jsonl"  # the best epoch's greedy completions of the first validation rows
+GENERATIONS = rundir.GENERATIONS  # the best epoch's greedy completions of the first validation rows
 TOPK = "topk"  # the teacher's top-k caches, one directory per fingerprint, in the teacher's run directory
 CHUNK = 256  # tokens per chunk of the loss: one [CHUNK, V] logits tensor at a time
 

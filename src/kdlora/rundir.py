@@ -47,7 +47,8 @@ LR_PLOT = "lr_find.png"  # the range test's curve
 LOGS = "logs"  # --report-to: the trackers' files (TensorBoard event files)
 LOCK = ".lock"
 # What `kdlora report` reads of a run: everything but the weights (the architecture is merged/config.json).
-SMALL_FILES = (CONFIG, METRICS, INFERENCE, LR, f"{MERGED}/config.json")  # a run without its weights
+GENERATIONS = "generations.jsonl"  # a language model's greedy completions of the first validation rows
+SMALL_FILES = (CONFIG, METRICS, INFERENCE, LR, GENERATIONS, f"{MERGED}/config.json")  # a run without its weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
