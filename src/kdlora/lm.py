@@ -14,9 +14,12 @@ exact match. train.run, train.fit (lr plan, collapse restarts) and loop.loop are
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
+import platform
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +29,29 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdlora import rundir
+from kdlora import __version__, rundir
 from kdlora.config import DISTILLED, LORA_METHODS, DataArgs, RunConfig
-from kdlora.data import LengthGroupedBatchSampler, custom_rows, require_columns
+from kdlora.data import LengthGroupedBatchSampler, Loaders, custom_rows, iter_raw_rows, require_columns
+from kdlora.env import default_device, peak_memory, say
 from kdlora.errors import KdloraError
+from kdlora.evaluate import PredictionWriter, _chunks
 from kdlora.io import atomic_write_text
+from kdlora.kinds import GENERATION
 from kdlora.lm_data import LMRow, encode, shared_vocabulary
+from kdlora.loop import Parts, build_accelerator, build_optimizer, restore
 from kdlora.losses import chunked_lm_kd_sum, student_buckets, token_divergence
-from kdlora.models import add_lm_lora, keep_layers, load_causal_lm, load_lm_tokenizer
+from kdlora.lrfind import BANDS, plot, probe_steps, range_test
+from kdlora.models import (
+    add_lm_lora,
+    causal_lm_config,
+    causal_lm_source,
+    count_parameters,
+    deployed_parameters,
+    keep_layers,
+    load_causal_lm,
+    load_lm_tokenizer,
+    lora_targets,
+)
 from kdlora.tasks import Task
 from kdlora.topk_cache import TopKCache, fill_from_model, predicted
 
@@ -289,7 +307,6 @@ def greedy(lm: nn.Module, tokenizer: Any, rows: Sequence[Encoded], max_new_token
            stats: dict[str, float] | None = None) -> list[str]:  # fmt: skip
     """Greedy completions of the rows' prompts, left-padded in batches; `stats` gets the tokens generated (each row's
     up to its end of text) and the seconds it took."""
-    import time
 
     t0 = time.perf_counter()
     lm.eval()
@@ -428,7 +445,7 @@ def preflight(cfg: RunConfig) -> Task:
     for rows in splits.values():
         encode_rows(rows, tokenizer, cfg.data.max_length)  # chat templates, lengths: every row
     if teacher is not None and m.name:
-        teacher_config = load_causal_lm(teacher, trust, weights=False)[0].config
+        teacher_config = causal_lm_config(teacher, trust)
         shared_vocabulary(load_lm_tokenizer(teacher, trust), tokenizer, teacher_config.vocab_size,
                           model.config.vocab_size)  # fmt: skip
     return task
@@ -456,7 +473,6 @@ def load_student(
 
 def weights_hash(name: str) -> str:
     """sha256 of a model's weights: its .gguf file, or its directory's safetensors (a hub id: its name)."""
-    from kdlora.models import causal_lm_source
 
     path, gguf = causal_lm_source(name)
     files = [Path(path) / gguf["gguf_file"]] if gguf else sorted(Path(path).glob("*.safetensors"))
@@ -486,13 +502,10 @@ def teacher_targets(
     the cache; the others wait and read it) under a fingerprint of the teacher's weights, its tokenizer, the data,
     the max length, k and T. Returns the caches, the vocabulary both models' logits are compared on, and what the
     metrics record says of the teacher."""
-    import time
-
-    from kdlora.env import say
 
     source = teacher_source(cfg, teacher_run)
     ttok = load_lm_tokenizer(source, cfg.model.trust_remote_code)
-    tconfig = load_causal_lm(source, cfg.model.trust_remote_code, weights=False)[0].config
+    tconfig = causal_lm_config(source, cfg.model.trust_remote_code)
     vocab, notice = shared_vocabulary(ttok, tokenizer, tconfig.vocab_size, student_rows)
     if notice:
         say(notice)
@@ -545,13 +558,8 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     """Everything the loop runs for a causal LM: the rows, the teacher's cached distribution (the teacher is gone
     before the student loads), the model, loaders of whole optimizer steps, the lr plan, optimizer and schedule, and
     a killed run's state."""
-    import dataclasses
 
-    from kdlora.data import Loaders
-    from kdlora.loop import Parts, build_accelerator, build_optimizer, restore
-    from kdlora.lrfind import BANDS, plot, probe_steps, range_test
-    from kdlora.models import count_parameters, deployed_parameters, lora_targets
-    from kdlora.train import lr_plan, prepare_training, trackers
+    from kdlora.train import lr_plan, prepare_training, trackers  # train picks this module: imported here
 
     task, out = lm_task(cfg.data), Path(cfg.train.output_dir)
     tc = dataclasses.replace(cfg.train, grad_accum_steps=1)  # a loader item is a whole step: LMStep accumulates
@@ -568,7 +576,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     teacher: dict[str, Any] = {}
     vocab = None
     if distilled:
-        rows_of = load_causal_lm(source, cfg.model.trust_remote_code, weights=False)[0].config.vocab_size
+        rows_of = causal_lm_config(source, cfg.model.trust_remote_code).vocab_size
         caches, vocab, teacher = teacher_targets(cfg, teacher_run, encoded, tokenizer, rows_of, accelerator)
     model, tokenizer, source, layers = load_student(cfg, teacher_run, out, main)
     params: dict[str, Any] = {**count_parameters(model), "total_params": deployed_parameters(model)}
@@ -616,10 +624,7 @@ def finish(built: LMBuilt, record: Any) -> dict[str, Any]:
     """A trained causal LM's outputs (the best epoch's weights are in the model): the greedy completions of the first
     validation rows, adapter/ and merged/ (which pipeline("text-generation") loads) with the model card, then
     metrics.json, which marks the run finished."""
-    import platform
 
-    from kdlora import __version__
-    from kdlora.env import peak_memory
     from kdlora.train import write_outputs
 
     cfg, parts, out = built.cfg, built.parts, Path(built.cfg.train.output_dir)
@@ -696,13 +701,8 @@ def generate_file(model_path: str | Path, input_file: str | Path, output_file: s
     input order, a batch at a time, to a .csv or .jsonl file written whole or not at all. A run trained on chat
     messages gets each prompt as a user turn rendered by the chat template; otherwise the prompt is the text as it
     is, as in training. Returns the number of rows written."""
-    from kdlora.data import iter_raw_rows
-    from kdlora.env import default_device
-    from kdlora.evaluate import PredictionWriter, _chunks
-    from kdlora.kinds import GENERATION
-    from kdlora.rundir import refuse_own_inputs
 
-    refuse_own_inputs(output_file, [("--input-file", input_file), ("--model-dir", model_path)], "--output-file")
+    rundir.refuse_own_inputs(output_file, [("--input-file", input_file), ("--model-dir", model_path)], "--output-file")
     data = ((rundir.read_config(model_path) or {}).get("data") or {}) if rundir.is_run(model_path) else {}
     column = column or data.get("prompt_column") or data.get("text_column")
     chat = bool(data.get("messages_column"))

@@ -149,17 +149,25 @@ def causal_lm_source(name: str) -> tuple[str, dict[str, str]]:
     return str(path.parent), {"gguf_file": path.name}
 
 
+def causal_lm_config(name: str, trust_remote_code: bool = False) -> Any:
+    """A causal LM's transformers config (from its directory or its .gguf file's header), or one line."""
+    from transformers import AutoConfig
+
+    path, gguf = causal_lm_source(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
+    except (OSError, ValueError) as exc:
+        raise KdloraError(f"could not load language model '{name}': {str(exc).splitlines()[0][:160]}") from exc
+
+
 def load_causal_lm(name: str, trust_remote_code: bool = False, weights: bool = True) -> tuple[nn.Module, Any]:
     """A causal LM (fp32) and its tokenizer, with a pad token; weights=False: built on the meta device from its config
     (shapes only), no tokenizer."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path, gguf = causal_lm_source(name)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
-    except (OSError, ValueError) as exc:
-        raise KdloraError(f"could not load language model '{name}': {str(exc).splitlines()[0][:160]}") from exc
+    config = causal_lm_config(name, trust_remote_code)
     try:
         if not weights:
             with torch.device("meta"):
@@ -187,11 +195,7 @@ def load_lm_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as exc:
         raise KdloraError(f"could not load a tokenizer from {name}: {str(exc).splitlines()[0]}") from exc
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise KdloraError(f"the tokenizer of '{name}' has neither a pad nor an eos token to pad batches with")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_pad(tokenizer, name)
 
 
 def add_lm_lora(model: nn.Module, args: LoraArgs) -> nn.Module:
@@ -258,12 +262,18 @@ def prepare_tokenizer(tokenizer: Any, config: Any, name: str) -> Any:
     limit = max_positions(config)
     if limit is not None and (tokenizer.model_max_length is None or tokenizer.model_max_length > limit):
         tokenizer.model_max_length = limit
+    with_pad(tokenizer, name)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
+def with_pad(tokenizer: Any, name: str) -> Any:
+    """A pad token for a tokenizer that has none (decoders): its eos, as is usual."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise KdloraError(f"the tokenizer of '{name}' has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(config, "pad_token_id", None) is None:
-        config.pad_token_id = tokenizer.pad_token_id
     return tokenizer
 
 

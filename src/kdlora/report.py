@@ -532,6 +532,19 @@ def _save_png(fig: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def write_side_tables(runs: list[Run], root: Path, dest: Path, quiet: bool) -> tuple[list[Run], Path | None]:
+    """The tables of the runs that are not the paper's comparison: the label-budget learning curve and the language
+    models' per-token figures. Returns the other runs, and the path of a side table written (None: none)."""
+    # Runs on a label budget make the learning curve, not the tables of the full labelled sets.
+    curve = [r for r in runs if budget_of(r.config)]
+    # Language models have their own table: per-token figures, not a task score out of 100.
+    generative = [r for r in runs if r.metrics.get("kind") == "generation"]
+    rest = [r for r in runs if not budget_of(r.config) and r not in generative]
+    curve_md = write_curve(curve, dest, quiet) if curve else None
+    generative_md = write_generative(generative, root, dest, quiet) if generative else None
+    return rest, curve_md or generative_md
+
+
 def write_report(
     root: Path, top_k: int = 6, task: str | None = None, quiet: bool = False, output_dir: Path | None = None
 ) -> Path:
@@ -539,15 +552,9 @@ def write_report(
     Returns the path of report.md. Run paths in it are relative to `root`."""
     dest = output_dir or root
     runs, unfinished = find_runs(root)
-    # Runs on a label budget make the learning curve, not the tables of the full labelled sets.
-    curve = [r for r in runs if budget_of(r.config)]
-    # Language models have their own table: per-token figures, not a task score out of 100.
-    generative = [r for r in runs if r.metrics.get("kind") == "generation"]
-    runs = [r for r in runs if not budget_of(r.config) and r not in generative]
-    curve_md = write_curve(curve, dest, quiet) if curve else None
-    generative_md = write_generative(generative, root, dest, quiet) if generative else None
-    if not runs and (curve_md or generative_md) is not None:
-        return curve_md or generative_md
+    runs, side = write_side_tables(runs, root, dest, quiet)
+    if not runs and side is not None:
+        return side
     if not runs:
         raise KdloraError(
             f"no finished kdlora runs under {root}" + (f" ({len(unfinished)} unfinished)" * bool(unfinished))
