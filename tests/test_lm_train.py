@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+import yaml
 from test_lm_data import WORDS, tokenizer
 
 from kdlora.cli import main
@@ -83,8 +84,21 @@ def test_kd_lora_distils_a_causal_lm_into_a_student_cut_from_its_layers(lm_setup
     done = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert [d["id"] for d in done] == ["0", "1"]
     assert done[0]["generated"] == answer[len("is the cat good ?") :].strip()
+    # export: the merged student as ONNX logits, checked on the run's validation rows, and as safetensors.
+    assert main(["export", "--model-dir", str(out), "--output-dir", str(tmp_path / "onnx")]) == 0
+    record = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert record["parity_data"] == "validation" and record["parity_examples"] == 8
+    assert record["max_abs_logit_diff"] < 1e-3 and record["top1_agreement"] == 100.0
+    assert record["exported_nll"] == pytest.approx(record["pytorch_nll"], abs=1e-4)
+    assert (tmp_path / "onnx" / "tokenizer.json").is_file() and (tmp_path / "onnx" / "config.json").is_file()
+    assert main(["export", "--model-dir", str(out), "--output-dir", str(tmp_path / "st"), "--format",
+                 "safetensors"]) == 0  # fmt: skip
+    copied = json.loads((tmp_path / "st" / "export.json").read_text())
+    assert list(copied["sha256"]) == ["model.safetensors"] and (tmp_path / "st" / "README.md").is_file()
+    again = pipeline("text-generation", model=str(tmp_path / "st"), device="cpu")
+    assert again("is the cat good ?", max_new_tokens=2, do_sample=False)[0]["generated_text"] == answer
     # Commands that read a classifier say, in one line, that this is not one (rather than load it with a new head).
-    assert main(["export", "--model-dir", str(out), "--output-dir", str(tmp_path / "onnx")]) == 2
+    assert main(["evaluate", "--model-dir", str(out)]) == 2
     assert "is a causal language model, not a classifier" in capsys.readouterr().err
     # A second student of the same teacher and data reads the teacher's cache, computing nothing.
     again = tmp_path / "kd2"
@@ -230,15 +244,63 @@ def test_bad_settings_fail_in_one_line_before_training(lm_setup, tmp_path, capsy
     assert not (tmp_path / "bad" / "teacher" / "metrics.json").exists()
 
 
-def test_compare_refuses_a_language_models_data_in_one_line(lm_setup, tmp_path, capsys):
-    (tmp_path / "lm.yaml").write_text("data: {prompt_column: prompt, completion_column: completion}\n")
-    args = ["compare", "--train-file", str(lm_setup["train"]), "--validation-file", str(lm_setup["dev"]), "--config",
-            str(tmp_path / "lm.yaml"), "--tasks", "lm", "--teacher-model", str(lm_setup["model"]), "--student-layers",
-            "0,2", "--output-dir", str(tmp_path / "o")]  # fmt: skip
-    assert main(args) == 2
+def test_compare_runs_a_language_models_four_arms_and_reports_them(lm_setup, tmp_path, capsys):
+    """fft teacher, LoRA on its model, the student alone (α = 1) and KD-LoRA, cut from the teacher's layers and
+    distilled from its cache, filled by compare itself; the report's per-arm table; --label-budget refused."""
+    (tmp_path / "lm.yaml").write_text(
+        "common:\n  train: {epochs: 2, batch_size: 4, eval_batch_size: 8, lr: 3.0e-3, generate_rows: 4}\n"
+        "  kd: {teacher_top_k: 4}\nfft:\n  train: {epochs: 3}\n"
+    )
+    args = ["compare", "--train-file", str(lm_setup["train"]), "--validation-file", str(lm_setup["dev"]),
+            "--prompt-column", "prompt", "--completion-column", "completion", "--config", str(tmp_path / "lm.yaml"),
+            "--tasks", "yesno", "--teacher-model", str(lm_setup["model"]), "--student-layers", "0,2",
+            "--output-dir", str(tmp_path / "o"), "--seeds", "1", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "student: teacher top-k computed and cached" in out and "kd-lora: teacher top-k found in the cache" in out
+    seed = tmp_path / "o" / "yesno" / "seed-1"
+    runs = {arm: json.loads((seed / arm / "metrics.json").read_text()) for arm in ("fft", "lora", "student", "kd-lora")}
+    assert all(m["kind"] == "generation" and m["status"] == "finished" for m in runs.values())
+    assert runs["student"]["method"] == runs["kd-lora"]["method"] == "kd-lora"
+    assert yaml.safe_load((seed / "student" / "config.yaml").read_text())["kd"]["alpha"] == 1.0
+    assert runs["student"]["teacher_rows_computed"] == runs["kd-lora"]["teacher_rows_computed"] == 0  # compare did
+    assert runs["kd-lora"]["vocabulary"] == len(WORDS) and "kl" in runs["student"]
+    report = (tmp_path / "o" / "generative.md").read_text()
+    assert "| yesno | kd-lora | 1 |" in report and "| yesno | student | 1 |" in report
+    # A rerun reuses every arm; a label budget has no labels to draw from a language model's data.
+    assert main(args) == 0 and capsys.readouterr().out.count("reusing the finished run") == 4
+    assert main([*args, "--label-budget", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "does not take a language model's data yet (--prompt-column, --completion-column)" in err[0]
+    assert len(err) == 1 and "a language model's data has no labels to draw" in err[0]
+
+
+def test_bench_measures_a_causal_lms_methods_per_token(lm_setup, tmp_path, capsys):
+    """Parameters per rank, training tokens/s and peak memory per method (a child each), the teacher cache's bytes
+    per token, and greedy tokens/s of teacher and student, on the validation prompts of the user's data."""
+    out = tmp_path / "bench"
+    args = ["bench", "--teacher-model", str(lm_setup["model"]), "--student-layers", "0,2", "--ranks", "4,8",
+            "--batch-size", "2", "--seq-len", "16", "--runs", "2", "--warmup", "1", "--max-new-tokens", "4",
+            "--eval-batch-size", "4", "--train-file", str(lm_setup["train"]), "--validation-file",
+            str(lm_setup["dev"]), "--prompt-column", "prompt", "--completion-column", "completion",
+            "--output-dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "causal LM" in capsys.readouterr().out
+    result = json.loads((out / "bench.json").read_text())
+    rows = {(r["method"], r["rank"]): r for r in result["parameters"]}
+    assert set(rows) == {("fft", None), ("lora", 4), ("lora", 8), ("kd-lora", 4), ("kd-lora", 8)}
+    assert rows[("lora", 8)]["lora_params"] == 2 * rows[("lora", 4)]["lora_params"] > 0
+    total = {k: r["total_params"] for k, r in rows.items()}
+    assert total[("kd-lora", 4)] < total[("fft", None)] == total[("lora", 4)]
+    assert all(result["train"][m]["tokens_per_second"] > 0 and result["train"][m]["peak_mb"] > 0
+               for m in ("fft", "lora", "kd-lora"))  # fmt: skip
+    cache = result["teacher_cache"]
+    assert cache["k"] == 16 and cache["rows"] == 8 and cache["cached_tokens"] == 16  # answer + end of text, per row
+    assert 16 * 6 + 4 <= cache["bytes_per_token"] < 16 * 6 + 4 + 200  # values, ids, tail, plus the files' headers
+    gen = result["generation"]
+    assert gen["rows"] == 4 and gen["new_tokens"] == 4
+    assert set(gen["arms"]) == {"teacher", "student_lora_unmerged", "student_merged"}
+    assert all(a["tokens_per_second"] > 0 and a["runs"] == 2 for a in gen["arms"].values())
+    assert "Greedy generation" in (out / "bench.md").read_text()
 
 
 def test_two_cpu_processes_count_every_validation_token_once(lm_setup, tmp_path):

@@ -72,11 +72,14 @@ class BenchArgs:
     max_length: int = 128
     output_dir: str = arg("runs/bench", "where bench.json and bench.md go")
     skip_memory: bool = arg(False, "leave out the peak-memory measurement")
+    max_new_tokens: int = arg(32, "causal LMs: tokens each prompt generates in the generation timing")
     onnx_dir: str | None = None  # where the int8 ONNX arms are written (default: a temporary directory)
 
     def __post_init__(self) -> None:
         if min(self.ranks) <= 0 or self.runs <= 0 or self.batch_size <= 0 or self.seq_len <= 0:
             raise KdloraError("--ranks, --runs, --batch-size and --seq-len must be positive")
+        if self.max_new_tokens <= 0:
+            raise KdloraError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
 
 
 def bench_data(args: BenchArgs) -> DataArgs:
@@ -291,6 +294,10 @@ def int8_arms(teacher: torch.nn.Module, student: torch.nn.Module, tokenizer: Any
 
 
 def run_bench(args: BenchArgs) -> dict[str, Any]:
+    from kdlora.lm_bench import is_lm_bench, run_lm_bench
+
+    if is_lm_bench(args):  # a causal LM's costs are per token: kdlora.lm_bench
+        return run_lm_bench(args)
     task = load_task(bench_data(args))
     args.task = task.name
     result: dict[str, Any] = {
@@ -320,6 +327,10 @@ def run_bench(args: BenchArgs) -> dict[str, Any]:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    if result.get("kind") == "generation":
+        from kdlora import lm_bench
+
+        return lm_bench.to_markdown(result)
     cfg = result["config"]
     lines = [
         f"# kdlora bench: {cfg['teacher']} -> layers {cfg['student_layers']} ({cfg['task']})",

@@ -19,7 +19,6 @@ from typing import Any
 from kdlora.bench import BenchArgs, run_bench, to_markdown
 from kdlora.compare import BUDGET_ARMS, ERROR_FILE_ENV, CompareArgs, run_compare
 from kdlora.config import (
-    LM_COLUMNS,
     PRESETS,
     DataArgs,
     build_config,
@@ -84,6 +83,10 @@ OWN_DATA_FLAGS = (
     "--labels",
     "--problem",
     "--metric",
+    "--prompt-column",
+    "--completion-column",
+    "--messages-column",
+    "--text-column",
 )
 
 # The offline default: KD-LoRA on CoLA with the packaged all-MiniLM-L6-v2 as teacher and its layers 0,2,4 as student,
@@ -321,7 +324,7 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
     )
     if metrics.get("teacher_score") is not None:
         print(
-            f"teacher (fft): score {metrics['teacher_score']:.2f}, {metrics['teacher_total_params']:,} parameters "
+            f"teacher: score {metrics['teacher_score']:.2f}, {metrics['teacher_total_params']:,} parameters "
             f"({metrics['teacher']})"
         )
     lora = f" (LoRA {metrics['lora_params']:,})" if metrics["lora_params"] else ""
@@ -349,6 +352,13 @@ def _eval_data(args: argparse.Namespace) -> Any:
     class."""
 
     model = _fields(args, EvaluateArgs)["model_dir"]
+    from kdlora import lm
+
+    if lm.is_causal_lm(model):  # its figures per token are the run's own; a classifier's data would not fit it
+        raise KdloraError(
+            f"{model_dir(model)} is a causal language model, not a classifier: its validation figures are in the "
+            "run's metrics.json, and `kdlora predict --input-file` completes prompts with it"
+        )
     stored = ((read_config(model) or {}).get("data") or {}) if is_run(model) else {}
     values = {**stored, **_overrides(args).get("data", {})}
     data: DataArgs = build_section(
@@ -473,17 +483,8 @@ def _compare_layers(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     return common, arms
 
 
-def _refuse_lm_data(data: dict[str, Any], command: str) -> None:
-    """compare runs classifiers' arms for now: a language model's data is one line, not a crash later."""
-    given = [f"--{n.replace('_', '-')}" for n in LM_COLUMNS if data.get(n)]
-    if given:
-        raise KdloraError(f"{command} does not take a language model's data yet ({', '.join(given)}): train each "
-                          "arm with kdlora train")  # fmt: skip
-
-
 def _compare(args: argparse.Namespace) -> int:
     common, arms = _compare_layers(args)
-    _refuse_lm_data({k: v for a in (common, *arms.values()) for k, v in a.get("data", {}).items()}, "compare")
     run_compare(_command(args, CompareArgs, common=common, arms=arms, preset=args.preset))
     return 0
 

@@ -10,6 +10,9 @@ labelled training rows (a stratified draw seeded by the seed) and five arms trai
 models on the labels alone), student/ (the student alone: kd-lora with α = 1, the same schedule), kd-lora/ (distilled
 on the labelled rows) and kd-lora-unlabeled/ (distilled on them and on the rest of the training split, its labels
 dropped). With --teacher-arm best the student arms distil from whichever of fft/ and lora/ scored higher on dev.
+A causal language model's data (--prompt-column and --completion-column, --messages-column or --text-column): four
+arms, fft/, lora/, student/ (α = 1) and kd-lora/, scored by the validation NLL (or --best-metric); the teacher's top-k
+cache is filled here, before the student arms' children start, and the arms are not timed (kdlora bench is).
 Each arm runs as `kdlora train` in a child process, so the peak memory it reports is its own. An arm already finished
 with the same config is reused, an unfinished one resumes. The merged models of the three arms are then timed on the
 validation set, interleaved, and the report of OUTPUT (report.md, CSVs, figures) is written.
@@ -29,7 +32,7 @@ from typing import Any
 import yaml
 
 from kdlora.bench import BenchArgs, inference_batches, own_data, time_passes
-from kdlora.config import RunConfig, arg, build_config, layered, preset_values
+from kdlora.config import LM_COLUMNS, RunConfig, arg, build_config, layered, preset_values
 from kdlora.data import load_splits, load_task
 from kdlora.env import default_device
 from kdlora.errors import KdloraError
@@ -49,6 +52,7 @@ STUDENT_ARMS: dict[str, dict[str, dict[str, Any]]] = {
     "kd-lora-unlabeled": {"kd": {"unlabeled_rest": True}},
 }
 BUDGET_ARMS = (*TEACHER_ARMS, *STUDENT_ARMS)
+LM_ARMS = (*TEACHER_ARMS, "student", "kd-lora")  # a language model's data: no labels to drop, no unlabelled rest
 ERROR_FILE_ENV = "KDLORA_ERROR_FILE"  # a child `kdlora train` writes its one-line error here instead of stderr
 
 
@@ -95,6 +99,9 @@ class CompareArgs:
                 raise KdloraError("--label-budget takes positive counts of labelled rows, e.g. --label-budget 500,1000")
             if len(set(self.label_budgets)) != len(self.label_budgets):
                 raise KdloraError("--label-budget must not repeat a count")
+            if self.generative:
+                raise KdloraError("--label-budget draws labelled rows of a classifier's data: a language model's data "
+                                  "has no labels to draw")  # fmt: skip
         unknown = set(self.arms) - set(self.arm_names)
         if unknown:
             raise KdloraError(
@@ -110,8 +117,14 @@ class CompareArgs:
                     arm_config(self, task, self.seeds[0], arm, budget)
 
     @property
+    def generative(self) -> bool:
+        """Whether the arms train causal language models (the common or any arm's data names an LM column)."""
+        layers = (self.common, *(a for a in self.arms.values() if isinstance(a, dict)))
+        return any(isinstance(s.get("data"), dict) and s["data"].get(c) for s in layers for c in LM_COLUMNS)
+
+    @property
     def arm_names(self) -> tuple[str, ...]:
-        return BUDGET_ARMS if self.label_budgets else ARMS
+        return BUDGET_ARMS if self.label_budgets else LM_ARMS if self.generative else ARMS
 
     @property
     def budgets(self) -> list[int | None]:
@@ -194,8 +207,15 @@ def _die_with_parent() -> None:
 
 def cache_teacher_logits(cfg: RunConfig, label: str) -> None:
     """Compute the kd-lora arm's teacher logits here, in the parent, so that its child never loads the teacher: its
-    peak memory is then the student's training alone, as in the paper's setting of precomputed logits."""
+    peak memory is then the student's training alone, as in the paper's setting of precomputed logits. A language
+    model's: its top-k distribution on every learnt token (lm.cache_teacher)."""
 
+    if cfg.data.generative:
+        from kdlora.lm import cache_teacher
+
+        cached = cache_teacher(cfg)
+        print(f"{label}: teacher top-k {'found in the cache' if cached else 'computed and cached'}", flush=True)
+        return
     task = load_task(cfg.data)
     train = distil_examples(cfg, task, Path(cfg.model.teacher), load_splits(cfg.data, ["train"])["train"])
     device = default_device()
@@ -278,7 +298,8 @@ def run_cell(args: CompareArgs, task: str, budget: int | None, seed: int) -> Non
         if stale or not before or not same_config(out, cfg):
             cache_teacher_logits(cfg, f"[{where}] {arm}")
         _, trained[arm] = run_arm(cfg, f"[{where}] {arm}", stale, args.overwrite)
-    if budget or not args.inference_runs:  # the label-scarce protocol measures scores, not inference time
+    # The label-scarce protocol measures scores, not inference time; a language model's costs are kdlora bench's.
+    if budget or args.generative or not args.inference_runs:
         return
     timed = all(read_inference(arm_dir(args, task, seed, arm)) is not None for arm in ARMS)
     if any(trained.values()) or not timed:

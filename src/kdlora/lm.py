@@ -528,12 +528,29 @@ def teacher_targets(
                                         tokenizer.pad_token_id)  # fmt: skip
         del teacher
     accelerator.wait_for_everyone()
+    run = (rundir.read_run(teacher_run) or {}) if teacher_run is not None else {}
     record = {
-        "teacher": source, "teacher_top_k": k, "teacher_temperature": cfg.kd.temperature,
+        "teacher": str(teacher_run) if teacher_run is not None else source, "teacher_weights": source,
+        "teacher_score": run.get("score"), "teacher_total_params": run.get("total_params"), "teacher_top_k": k,
+        "teacher_temperature": cfg.kd.temperature,
         "teacher_cache": str(caches["train"].dir), "teacher_cache_bytes_per_token": caches["train"].bytes_per_token(),
         "teacher_rows_computed": computed, "teacher_cache_seconds": time.perf_counter() - t0, "vocabulary": vocab,
     }  # fmt: skip
     return caches, vocab, record
+
+
+def cache_teacher(cfg: RunConfig) -> bool:
+    """Fill the teacher's top-k cache of a distilled run without training it (compare does, before the student's
+    child process starts, so that child never loads the teacher). True when it was already complete."""
+    from accelerate import PartialState
+
+    teacher_run = Path(cfg.model.teacher) if cfg.model.teacher else None
+    source, _ = student_source(cfg, teacher_run)
+    tokenizer = load_lm_tokenizer(source, cfg.model.trust_remote_code)
+    encoded = {s: encode_rows(read_rows(cfg.data, s), tokenizer, cfg.data.max_length) for s in ("train", "validation")}
+    rows_of = causal_lm_config(source, cfg.model.trust_remote_code).vocab_size
+    _, _, record = teacher_targets(cfg, teacher_run, encoded, tokenizer, rows_of, PartialState())
+    return record["teacher_rows_computed"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

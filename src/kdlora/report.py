@@ -650,8 +650,16 @@ def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = Fals
         _f(r["peak_mb"], ".0f"),
         _f(r["cache_bytes_per_token"], ".0f"),
     ] for r in rows])  # fmt: skip
+    arms, arm_table = generative_arms(runs)
     lines = [
-        "# Language models: validation figures per run",
+        "# Language models: validation figures",
+        "",
+        "Per arm (one config; a compare's arm is its directory name): mean ± std over its seeds (sample std), at each "
+        "run's best epoch.",
+        "",
+        *arm_table,
+        "",
+        "## Every run",
         "",
         f"{len(runs)} finished runs. Per completion token of the validation rows, at each run's best epoch: NLL "
         "(nats) and perplexity; KL(teacher ‖ student) over the teacher's cached top-k and tail, and top-1 agreement "
@@ -677,7 +685,30 @@ def write_generative(runs: list[Run], root: Path, dest: Path, quiet: bool = Fals
     ax.set_ylabel("training loss per learnt token (smoothed)")
     ax.legend(fontsize=7)
     _save_png(fig, dest / "generative.png")
-    return write_table(dest, "generative", lines, rows, table, quiet)
+    atomic_write_text(dest / "generative_arms.csv", _csv(arms))
+    return write_table(dest, "generative", lines, rows, arm_table, quiet)
+
+
+def generative_arms(runs: list[Run]) -> tuple[list[dict[str, Any]], list[str]]:
+    """A language model's Table 1: per task and config (its runs are seeds of one arm), the validation figures'
+    mean ± std over seeds."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[(r.task, r.key)].append(r)
+    rows, cells = [], []
+    for (task, _), group in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[1][0].path))):
+        row: dict[str, Any] = {"task": task, "arm": group[0].path.name, "method": group[0].method, "seeds": len(group)}
+        cell = [task, row["arm"], len(group)]
+        for k in ("nll", "kl", "agreement", "exact_match"):
+            values = [float(r.metrics[k]) for r in group if isinstance(r.metrics.get(k), (int, float))]
+            row[k] = statistics.mean(values) if values else None
+            row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            digits = ".3f" if k in ("nll", "kl") else ".1f"
+            text = _f(row[k], digits)
+            cell.append(f"{text} ± {row[f'{k}_std']:{digits}}" if text and row[f"{k}_std"] is not None else text)
+        rows.append(row)
+        cells.append(cell)
+    return rows, _md(["task", "arm", "seeds", "NLL", "KL to teacher", "agreement %", "exact match %"], cells)
 
 
 def table1_rows(cells: dict[tuple[str, str], Cell], avg: dict[str, Cell]) -> list[dict[str, Any]]:
