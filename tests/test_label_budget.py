@@ -163,7 +163,40 @@ def test_a_run_with_transfer_ratio_trains_its_share_of_the_rest(tiny_bert_dir, t
     argv = ["train", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--task", "cola", "--quiet"]
     argv += ["--data-dir", str(tiny_glue), "--epochs", "2", "--teacher-epochs", "1", "--batch-size", "8"]
     argv += ["--label-budget", "24", "--unlabeled-rest", "--transfer-ratio", "1", "--output-dir", str(out)]
+    argv += ["--transfer-weight", "confidence"]  # the transfer rows weighed by the teacher's confidence
     assert main(argv) == 0
     m = read_run(out)
     assert m["num_transfer_examples"] == 72 and m["rows_per_epoch"] == 48
     assert len(m["train_loss"]) == 2 * 6  # 48 rows in batches of 8, twice
+
+
+def test_confidence_weights_trust_a_sure_teacher_and_drop_a_guess():
+    from kdlora.config import KDArgs
+    from kdlora.losses import View, active_terms, confidence_weights, kd_loss, objective
+
+    teacher = torch.tensor([[0.0, 0.0], [9.0, -9.0], [1.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([IGNORE, IGNORE, IGNORE, 1])
+    w = confidence_weights(teacher, labels)
+    assert w[0] == 0.0 and w[1] > 0.999 and 0.0 < w[2] < 1.0 and w[3] == 1.0  # a labelled row is always trusted
+    assert w[2] == pytest.approx(2 * torch.softmax(teacher[2], -1).max().item() - 1)
+    student = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    assert kd_loss(student, teacher, 2.0, torch.ones(4)) == kd_loss(student, teacher, 2.0)
+    per_row = torch.stack([kd_loss(student[i : i + 1], teacher[i : i + 1], 2.0) for i in range(4)])
+    assert kd_loss(student, teacher, 2.0, w) == pytest.approx(float((per_row * w).mean()), rel=1e-6)
+    # Wired into the objective by --transfer-weight; uniform leaves the KD term as it was.
+    view = View(student, labels, teacher)
+    for name, weights in (("confidence", w), ("uniform", None)):
+        kd = KDArgs(transfer_weight=name, unlabeled_rest=True)
+        got = objective(active_terms(kd, True), view, kd, CLASSIFICATION)["kd"]
+        assert got == pytest.approx(float(kd_loss(student, teacher, kd.temperature, weights)), rel=1e-6)
+
+
+def test_transfer_weight_needs_a_transfer_set_and_a_classifier(tiny_bert_dir, tiny_glue, tmp_path, capsys):
+    base = ["train", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--data-dir", str(tiny_glue),
+            "--output-dir", str(tmp_path / "o"), "--transfer-weight", "confidence"]  # fmt: skip
+    assert main([*base, "--task", "cola"]) == 2
+    assert "weighs transfer rows: give a transfer set" in capsys.readouterr().err
+    assert main([*base, "--task", "stsb", "--label-budget", "20", "--unlabeled-rest"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reads a teacher's class probabilities: stsb is a regression task" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -113,6 +113,7 @@ def _data_lines(cfg: RunConfig, task: Task, metrics: dict[str, Any]) -> list[str
         + (
             f" and a transfer set of {metrics['num_transfer_examples']} teacher-labelled rows"
             + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
+            + (" weighed by the teacher's confidence" if cfg.kd.transfer_weight == "confidence" else "")
             + (
                 f" ({cfg.kd.augment} variants of each training example"
                 + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")

@@ -337,6 +337,11 @@ class KDArgs:
         "transfer rows per labelled row in each epoch, drawn anew every epoch (default: every transfer row in every "
         "epoch), so a large transfer set costs its share and not its size",
     )
+    transfer_weight: Literal["uniform", "confidence"] = arg(
+        "uniform",
+        "how the KD term weighs a transfer row: uniform, or confidence (the teacher's top-class probability, rescaled "
+        "so a uniform guess weighs 0 and a sure one 1; labelled rows weigh 1; classification only)",
+    )
     hidden_weight: float = arg(
         0.0,
         "weight of intermediate-layer distillation added to the loss (0: off); the teacher then runs beside the "
@@ -506,6 +511,9 @@ class RunConfig:
             if extra:
                 raise KdloraError(f"{', '.join('--' + n.replace('_', '-') for n in extra)} distil a classifier; a "
                                   "language model is distilled token by token on its own data")  # fmt: skip
+        if kd.transfer_weight != "uniform" and not (kd.augment or kd.unlabeled_file or kd.unlabeled_rest):
+            raise KdloraError(f"--transfer-weight {kd.transfer_weight} weighs transfer rows: give a transfer set "
+                              "(--unlabeled-file, --unlabeled-rest or --augment)")  # fmt: skip
         if kd.unlabeled_rest and not self.data.label_budget:
             raise KdloraError("--unlabeled-rest distils on the rows that --label-budget N leaves out: give N")
 

@@ -29,7 +29,8 @@ class Kind(Protocol):
     def label(self, value: Any, task: Task, where: str) -> Label: ...
     def labels_tensor(self, labels: Sequence[Label | None]) -> torch.Tensor: ...
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
-    def kd_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor: ...
+    def kd_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                weights: torch.Tensor | None = None) -> torch.Tensor: ...  # fmt: skip
     def predictions(self, logits: torch.Tensor) -> torch.Tensor: ...
     def metrics(self, task: Task, predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]: ...
     def strata(self, labels: Sequence[Label]) -> list[list[int]]: ...
@@ -71,8 +72,9 @@ class Classification:
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return task_loss(logits, labels, regression=False)
 
-    def kd_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-        return kd_loss(student, teacher, temperature)
+    def kd_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return kd_loss(student, teacher, temperature, weights)
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
@@ -139,8 +141,9 @@ class Regression:
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return task_loss(logits, labels, regression=True)
 
-    def kd_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-        return regression_kd_loss(student, teacher)  # a real value has no temperature
+    def kd_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        return regression_kd_loss(student, teacher, weights)  # a real value has no temperature
 
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.squeeze(-1)

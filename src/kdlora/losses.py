@@ -18,8 +18,14 @@ from torch.utils.checkpoint import checkpoint
 IGNORE = -100  # the class id of a row without a label (a transfer-set row: distilled only), as in transformers
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), the forward KL, averaged over the batch.
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 2.0,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T² · KL(softmax(z_T/T) ‖ softmax(z_S/T)), the forward KL, averaged over the batch (each row times its weight
+    when `weights` [B] is given: the mean of w·KL, so a down-weighted row weakens the term, not only its share).
 
     student_logits, teacher_logits: [B, C]. Returns a scalar. The T² factor keeps the gradient scale independent of
     T (Hinton et al. 2015). This is the true KL, so it is 0 when the two distributions agree.
@@ -27,12 +33,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = (t.exp() * (t - s)).sum(dim=-1)  # [B]
-    return kl.mean() * temperature**2
+    return (kl if weights is None else kl * weights).mean() * temperature**2
 
 
-def regression_kd_loss(student_pred: torch.Tensor, teacher_pred: torch.Tensor) -> torch.Tensor:
-    """MSE between the student's and the teacher's predictions. student_pred, teacher_pred: [B] or [B, 1]."""
-    return F.mse_loss(student_pred.float().reshape(-1), teacher_pred.float().reshape(-1))
+def regression_kd_loss(
+    student_pred: torch.Tensor, teacher_pred: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE between the student's and the teacher's predictions (the mean of w·squared error with `weights` [B]).
+    student_pred, teacher_pred: [B] or [B, 1]."""
+    err = (student_pred.float().reshape(-1) - teacher_pred.float().reshape(-1)) ** 2
+    return (err if weights is None else err * weights).mean()
+
+
+def confidence_weights(teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, how much the KD term trusts the teacher: 1 on a labelled row; on a transfer row (label IGNORE) the
+    teacher's top-class probability rescaled so that a uniform guess weighs 0 and a sure one 1, (p_max - 1/C) /
+    (1 - 1/C). teacher_logits: [B, C] (C ≥ 2); labels: [B]. Returns [B], no gradient."""
+    p_max = F.softmax(teacher_logits.float().detach(), dim=-1).max(dim=-1).values
+    c = teacher_logits.shape[-1]
+    confidence = ((p_max - 1 / c) / (1 - 1 / c)).clamp(0.0, 1.0)
+    return torch.where(labels != IGNORE, torch.ones_like(confidence), confidence)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -158,7 +178,8 @@ def _task_term(v: View, kd: Any, kind: Any) -> torch.Tensor:
 
 
 def _kd_term(v: View, kd: Any, kind: Any) -> torch.Tensor:
-    return kind.kd_loss(v.logits, v.teacher_logits, kd.temperature)
+    weights = confidence_weights(v.teacher_logits, v.labels) if kd.transfer_weight == "confidence" else None
+    return kind.kd_loss(v.logits, v.teacher_logits, kd.temperature, weights)
 
 
 def _hidden_term(v: View, kd: Any, kind: Any) -> torch.Tensor:

@@ -123,6 +123,9 @@ def preflight(cfg: RunConfig) -> Task:
         read_unlabeled(cfg.kd.unlabeled_file, task, first_id=0)  # every row read and checked
     if cfg.kd.augment_mlm:
         load_masked_lm(cfg.kd.augment_mlm, cfg.model.trust_remote_code, weights=False)
+    if cfg.kd.transfer_weight == "confidence" and task.kind != "classification":
+        raise KdloraError(f"--transfer-weight confidence reads a teacher's class probabilities: {task.name} is a "
+                          f"{task.kind} task")  # fmt: skip
     m, models = cfg.model, []
     if cfg.train.method not in DISTILLED:
         models.append((m.name, cfg.train.method, None))
