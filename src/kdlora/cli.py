@@ -499,7 +499,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     export: ExportArgs = _command(args, ExportArgs)
     print("".join(describe(run_export(export))))
-    print(f"wrote {Path(export.output_dir) / 'model.onnx'} with its config, tokenizer and export.json")
+    if export.format == "safetensors":
+        print(f"wrote the merged model to {export.output_dir} with export.json")
+    else:
+        print(f"wrote {Path(export.output_dir) / 'model.onnx'} with its config, tokenizer and export.json")
     return 0
 
 
