@@ -176,10 +176,11 @@ def train_steps(args: BenchArgs, method: str, rank: int) -> dict[str, Any]:
     return {"peak_mb": peak, "kind": kind}
 
 
-def measure_in_child(args: BenchArgs, method: str | None, rank: int = 8) -> dict[str, Any]:
-    """Peak memory of a fresh child process that runs only `method`'s training steps (None: imports only)."""
+def measure_in_child(args: BenchArgs, method: str | None, rank: int = 8, module: str = "kdlora.bench") -> dict:
+    """Peak memory of a fresh child process that runs only `method`'s training steps (None: imports only), by
+    `module`'s `_child` (a causal LM's: kdlora.lm_bench)."""
     payload = json.dumps({"args": asdict(args), "method": method, "rank": rank})
-    code = "import sys; from kdlora.bench import _child; _child(sys.argv[1])"
+    code = f"import sys; from {module} import _child; _child(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True)
     if proc.returncode != 0:
         raise KdloraError(f"memory measurement for {method} failed: {proc.stderr.strip().splitlines()[-1:]}")

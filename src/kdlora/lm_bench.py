@@ -19,8 +19,6 @@ trained on the teacher's cached top-k, so its step holds no teacher). Figures:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -31,7 +29,6 @@ import torch
 
 from kdlora.config import KDArgs, LoraArgs, TrainArgs, build_section
 from kdlora.env import default_device, peak_memory, reset_peak_memory
-from kdlora.errors import KdloraError
 from kdlora.io import atomic_write_json, atomic_write_text
 from kdlora.models import (
     add_lm_lora,
@@ -145,15 +142,6 @@ def train_steps(args: Any, method: str, rank: int) -> dict[str, Any]:
     return {"peak_mb": peak, "kind": kind, "tokens_per_second": b * n / median, "step_seconds": seconds[1:]}
 
 
-def measure_in_child(args: Any, method: str, rank: int) -> dict[str, Any]:
-    payload = json.dumps({"args": asdict(args), "method": method, "rank": rank})
-    code = "import sys; from kdlora.lm_bench import _child; _child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise KdloraError(f"the training measurement of {method} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _child(payload: str) -> None:
     from kdlora.bench import BenchArgs
 
@@ -250,7 +238,9 @@ def run_lm_bench(args: Any) -> dict[str, Any]:
         "parameters": parameter_rows(args),
     }
     if not args.skip_memory:
-        result["train"] = {m: measure_in_child(args, m, args.ranks[0]) for m in METHODS}
+        from kdlora.bench import measure_in_child
+
+        result["train"] = {m: measure_in_child(args, m, args.ranks[0], "kdlora.lm_bench") for m in METHODS}
     teacher, tokenizer = build(args, "fft", args.ranks[0])
     rows = bench_rows(args, tokenizer)
     result["teacher_cache"] = cache_figures(teacher.to(default_device()), rows, args.eval_batch_size,
