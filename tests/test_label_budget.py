@@ -200,3 +200,32 @@ def test_transfer_weight_needs_a_transfer_set_and_a_classifier(tiny_bert_dir, ti
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reads a teacher's class probabilities: stsb is a regression task" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_student_noise_swaps_the_transfer_rows_for_the_student_and_the_teacher_labels_them_clean(
+    tiny_bert_dir, tiny_glue, tmp_path, capsys
+):
+    from kdlora.teacher import noisy_view
+
+    common = ["--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--task", "cola", "--quiet"]
+    common += ["--data-dir", str(tiny_glue), "--epochs", "1", "--teacher-epochs", "1", "--label-budget", "24"]
+    out = tmp_path / "noisy"
+    assert main(["train", *common, "--student-noise", "0.5", "--output-dir", str(out)]) == 2  # no transfer set
+    assert "--student-noise swaps pieces of the transfer rows: give a transfer set" in capsys.readouterr().err
+    assert main(["train", *common, "--unlabeled-rest", "--student-noise", "0.5", "--output-dir", str(out)]) == 0
+    m = read_run(out)
+    assert m["num_train_examples"] == 24 and m["num_transfer_examples"] == 72 and not m["teacher_logits_cached"]
+    # The teacher labelled the clean rows: a run without noise on the same rows finds their logits in its cache.
+    clean = tmp_path / "clean"
+    argv = ["train", "--teacher", str(out / "teacher"), *common[2:], "--unlabeled-rest", "--output-dir", str(clean)]
+    assert main(argv) == 0
+    assert read_run(clean)["teacher_logits_cached"]
+    # The view: labelled rows untouched, transfer rows swapped under their own ids and without labels, seeded.
+    args = DataArgs(task="cola", data_dir=str(tiny_glue), label_budget=24, label_seed=1)
+    task = load_task(args)
+    rows = load_splits(args, ["train"])["train"] + unlabeled_rest(args, task)
+    view = noisy_view(out / "teacher", rows, task, 24, 0.5, 15, seed=1)
+    assert view[:24] == rows[:24] and [e.id for e in view] == [e.id for e in rows]
+    assert all(e.label is None for e in view[24:])
+    assert sum(v.text_a != r.text_a for v, r in zip(view[24:], rows[24:], strict=True)) > 36
+    assert noisy_view(out / "teacher", rows, task, 24, 0.5, 15, seed=1) == view

@@ -115,6 +115,11 @@ def _data_lines(cfg: RunConfig, task: Task, metrics: dict[str, Any]) -> list[str
             + (f" from {cfg.kd.unlabeled_file}" if cfg.kd.unlabeled_file else "")
             + (" weighed by the teacher's confidence" if cfg.kd.transfer_weight == "confidence" else "")
             + (
+                f", the student seeing them with {cfg.kd.student_noise:.0%} of their pieces swapped (Noisy Student)"
+                if cfg.kd.student_noise
+                else ""
+            )
+            + (
                 f" ({cfg.kd.augment} variants of each training example"
                 + (f", pieces proposed by the masked LM {cfg.kd.augment_mlm}" if cfg.kd.augment_mlm else "")
                 + ")"

@@ -342,6 +342,12 @@ class KDArgs:
         "how the KD term weighs a transfer row: uniform, or confidence (the teacher's top-class probability, rescaled "
         "so a uniform guess weighs 0 and a sure one 1; labelled rows weigh 1; classification only)",
     )
+    student_noise: float = arg(
+        0.0,
+        "Noisy Student: the chance that a word piece of a transfer row is swapped, in the student's view only, for one "
+        "of --augment-neighbours nearest neighbours in the teacher's input embeddings; the teacher labels the clean "
+        "text, and the labelled rows stay clean (0: off)",
+    )
     hidden_weight: float = arg(
         0.0,
         "weight of intermediate-layer distillation added to the loss (0: off); the teacher then runs beside the "
@@ -371,6 +377,7 @@ class KDArgs:
         _require(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
         _require(self.augment >= 0, f"augment must be >= 0, got {self.augment}")
         _require(0 < self.augment_prob <= 1, f"augment_prob must be in (0, 1], got {self.augment_prob}")
+        _require(0 <= self.student_noise < 1, f"student_noise must be in [0, 1), got {self.student_noise}")
         _require(self.augment_neighbours >= 1, f"augment_neighbours must be >= 1, got {self.augment_neighbours}")
         _require(not self.augment_mlm or self.augment > 0, "--augment-mlm makes the variants of --augment N: give N")
         _require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -507,10 +514,13 @@ class RunConfig:
                               "fine-tuned first (fft or lora)")  # fmt: skip
         if self.data.generative:
             extra = [n for n in ("augment", "augment_mlm", "unlabeled_file", "unlabeled_rest", "transfer_ratio",
-                                 "hidden_weight", "attention_weight") if getattr(kd, n)]  # fmt: skip
+                                 "student_noise", "hidden_weight", "attention_weight") if getattr(kd, n)]  # fmt: skip
             if extra:
                 raise KdloraError(f"{', '.join('--' + n.replace('_', '-') for n in extra)} distil a classifier; a "
                                   "language model is distilled token by token on its own data")  # fmt: skip
+        if kd.student_noise and not (kd.augment or kd.unlabeled_file or kd.unlabeled_rest):
+            raise KdloraError("--student-noise swaps pieces of the transfer rows: give a transfer set "
+                              "(--unlabeled-file, --unlabeled-rest or --augment)")  # fmt: skip
         if kd.transfer_weight != "uniform" and not (kd.augment or kd.unlabeled_file or kd.unlabeled_rest):
             raise KdloraError(f"--transfer-weight {kd.transfer_weight} weighs transfer rows: give a transfer set "
                               "(--unlabeled-file, --unlabeled-rest or --augment)")  # fmt: skip

@@ -189,7 +189,6 @@ def _load_cache(path: Path, fp: str, ids: torch.Tensor, num_labels: int) -> Teac
 # A transfer set: more text for the teacher to label, made from the training set
 
 
-@torch.inference_mode()
 def transfer_set(
     run_dir: Path,
     examples: Sequence[Example],
@@ -210,6 +209,29 @@ def transfer_set(
         swap: Any = MaskedLMSwap(mlm, neighbours, trust_remote_code)
     else:
         swap = EmbeddingSwap(teacher_model_dir(run_dir, task), neighbours)
+    texts = _swapped(swap, [e for _ in range(n) for e in examples], prob, seed)
+    del swap  # the masked LM or the teacher's embeddings, gone before the student loads
+    gc.collect()
+    start = max(e.id for e in examples) + 1
+    return [Example(start + i, a, b, None) for i, (a, b) in enumerate(texts)]
+
+
+def noisy_view(
+    run_dir: Path, examples: Sequence[Example], task: Task, first: int, prob: float, neighbours: int, seed: int
+) -> list[Example]:
+    """Noisy Student's view: the rows from `first` on (the transfer set) with word pieces swapped for their embedding
+    neighbours, as `transfer_set` swaps them, but keeping their ids, so their target stays the teacher's logits on
+    the clean text. The labelled rows are kept as they are: a swapped word can change the gold label (CoLA)."""
+    swap = EmbeddingSwap(teacher_model_dir(run_dir, task), neighbours)
+    texts = _swapped(swap, examples[first:], prob, seed)
+    del swap
+    gc.collect()
+    return [*examples[:first], *(Example(e.id, a, b, None) for e, (a, b) in zip(examples[first:], texts, strict=True))]
+
+
+@torch.inference_mode()
+def _swapped(swap: Any, examples: Sequence[Example], prob: float, seed: int) -> list[tuple[str | None, str | None]]:
+    """Each example's (text_a, text_b) with pieces swapped by `swap`; deterministic in (examples, prob, seed)."""
     tokenizer = swap.tokenizer
     pieces = [
         [tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else None for t in (e.text_a, e.text_b)]
@@ -217,19 +239,10 @@ def transfer_set(
     ]
     g = torch.Generator().manual_seed(seed)
     # The random draws come first, in a fixed order, so the variants do not depend on how the masked LM is batched.
-    plans = [
-        [None if ids is None else (ids, *_draws(ids, prob, g)) for ids in pair] for _ in range(n) for pair in pieces
-    ]
+    plans = [[None if ids is None else (ids, *_draws(ids, prob, g)) for ids in pair] for pair in pieces]
     swapped = swap([text for pair in plans for text in pair if text is not None])
     decoded = iter(tokenizer.decode(ids) for ids in swapped)
-    start = max(e.id for e in examples) + 1
-    out = []
-    for pair in plans:
-        a, b = (None if text is None else next(decoded) for text in pair)
-        out.append(Example(start + len(out), a, b, None))
-    del swap
-    gc.collect()
-    return out
+    return [tuple(None if text is None else next(decoded) for text in pair) for pair in plans]  # type: ignore[misc]
 
 
 def _neighbours(embeddings: torch.Tensor, used: list[int], k: int, special: set[int]) -> dict[int, list[int]]:

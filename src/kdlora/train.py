@@ -67,7 +67,7 @@ from kdlora.models import (
     merge,
 )
 from kdlora.tasks import Task
-from kdlora.teacher import distil_examples, distil_targets, teacher_model_dir
+from kdlora.teacher import distil_examples, distil_targets, noisy_view, teacher_model_dir
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The paper's three steps
@@ -296,6 +296,10 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     labelled = len(splits["train"])
     splits["train"] = distil_examples(cfg, task, teacher_run, splits["train"])
     logits, teacher = distil_targets(cfg, task, teacher_run, splits["train"], accelerator, quiet)
+    if cfg.kd.student_noise and teacher_run is not None:  # after the teacher has labelled the clean text
+        splits["train"] = noisy_view(
+            teacher_run, splits["train"], task, labelled, cfg.kd.student_noise, cfg.kd.augment_neighbours, tc.seed
+        )
     model, tokenizer, source, layers = build_trained_model(cfg, task, teacher_run, out, main)
     params: dict[str, Any] = {**count_parameters(model), "total_params": deployed_parameters(model)}
     if cfg.train.method in LORA_METHODS:  # what LoRA adapts, spelled out: reports group runs by it
