@@ -229,3 +229,17 @@ def test_student_noise_swaps_the_transfer_rows_for_the_student_and_the_teacher_l
     assert all(e.label is None for e in view[24:])
     assert sum(v.text_a != r.text_a for v, r in zip(view[24:], rows[24:], strict=True)) > 36
     assert noisy_view(out / "teacher", rows, task, 24, 0.5, 15, seed=1) == view
+
+
+def test_max_steps_sets_the_schedule_in_optimizer_steps_and_leaves_the_teacher_its_epochs(
+    tiny_bert_dir, tiny_glue, tmp_path
+):
+    out = tmp_path / "kd"
+    argv = ["train", "--teacher-model", str(tiny_bert_dir), "--student-layers", "0,2", "--task", "cola", "--quiet"]
+    argv += ["--data-dir", str(tiny_glue), "--epochs", "5", "--teacher-epochs", "1", "--batch-size", "8"]
+    assert main([*argv, "--max-steps", "15", "--output-dir", str(out)]) == 0  # 96 rows: 12 steps an epoch
+    m = read_run(out)
+    assert len(m["train_loss"]) == m["optimizer_steps"] == 15
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]  # the second epoch stopped at its third step, then evaluated
+    assert "15 optimizer steps over 2 epochs" in (out / "merged" / "README.md").read_text()
+    assert len(read_run(out / "teacher")["train_loss"]) == 12  # --teacher-epochs 1, not the student's 15 steps

@@ -50,9 +50,9 @@ def model_card(cfg: RunConfig, task: Task, metrics: dict[str, Any], source: str,
         "## Data",
         "",
         *_data_lines(cfg, task, metrics),
-        f"- {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {_lr(metrics)}",
+        f"- {_length(cfg, metrics)}, batch {cfg.train.batch_size}, {_lr(metrics)}",
         "",
-        f"## Scores (validation, epoch {metrics.get('best_epoch')} of {cfg.train.epochs})",
+        f"## Scores (validation, epoch {metrics.get('best_epoch')} of {len(metrics.get('epochs') or [1])})",
         "",
         "| metric | value |",
         "|---|---:|",
@@ -132,6 +132,13 @@ def _data_lines(cfg: RunConfig, task: Task, metrics: dict[str, Any]) -> list[str
         + ", fingerprint sha256 "
         f"{metrics.get('data_fingerprint', '')[:16]}; max length {data.max_length} tokens",
     ]
+
+
+def _length(cfg: RunConfig, metrics: dict[str, Any]) -> str:
+    """How long it trained: epochs, or --max-steps and the epochs they took."""
+    if cfg.train.max_steps:
+        return f"{cfg.train.max_steps} optimizer steps over {len(metrics.get('epochs') or [])} epochs"
+    return f"{cfg.train.epochs} epochs"
 
 
 def _lr(metrics: dict[str, Any]) -> str:

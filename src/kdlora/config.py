@@ -409,6 +409,11 @@ class TrainArgs:
     epochs: int | None = arg(
         None, "passes over the training set (default 3 for fft and kd-fft, 5 for the LoRA methods)"
     )
+    max_steps: int | None = arg(
+        None,
+        "train this many optimizer steps in all, whatever --epochs says (as transformers' max_steps): as many epochs "
+        "as they take, the last cut short, each evaluated at its end",
+    )
     lr: float | Literal["auto"] | None = arg(
         None,
         "peak learning rate, or auto: a short range test on the run's own model, data and objective picks it "
@@ -462,6 +467,7 @@ class TrainArgs:
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.method]
         _require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _require(self.max_steps is None or self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}")
         _require(self.lr == "auto" or self.lr > 0, f"lr must be > 0 or auto, got {self.lr}")
         _require(self.batch_size > 0 and self.eval_batch_size > 0, "batch sizes must be > 0")
         _require(self.generate_rows >= 0, f"generate_rows must be >= 0, got {self.generate_rows}")

@@ -189,7 +189,7 @@ def predict_file(
     names = [str(model.config.id2label.get(i, i)) for i in range(n)]
     rows = iter_raw_rows(input_file, text_columns, id_column)
     with PredictionWriter(output_file, names, kind_of_model(model.config)) as writer:
-        for chunk in _chunks(rows, batch_size):
+        for chunk in chunks(rows, batch_size):
             keys, texts_a, texts_b = zip(*chunk, strict=True)
             pair = list(texts_b) if texts_b[0] is not None else None
             limit = min(max_length, tokenizer.model_max_length or max_length)
@@ -198,7 +198,8 @@ def predict_file(
     return writer.rows
 
 
-def _chunks(rows: Iterable[Any], size: int) -> Iterable[list[Any]]:
+def chunks(rows: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    """`rows` in lists of `size` (the last may be shorter): raw files are predicted a batch at a time, never whole."""
     chunk = []
     for row in rows:
         chunk.append(row)

@@ -34,7 +34,7 @@ from kdlora.config import DISTILLED, LORA_METHODS, DataArgs, RunConfig
 from kdlora.data import LengthGroupedBatchSampler, Loaders, custom_rows, iter_raw_rows, require_columns
 from kdlora.env import default_device, peak_memory, say
 from kdlora.errors import KdloraError
-from kdlora.evaluate import PredictionWriter, _chunks
+from kdlora.evaluate import PredictionWriter, chunks
 from kdlora.io import atomic_write_text
 from kdlora.kinds import GENERATION
 from kdlora.lm_data import LMRow, encode, shared_vocabulary
@@ -576,7 +576,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     before the student loads), the model, loaders of whole optimizer steps, the lr plan, optimizer and schedule, and
     a killed run's state."""
 
-    from kdlora.train import lr_plan, prepare_training, trackers  # train picks this module: imported here
+    from kdlora.train import lr_plan, prepare_training, schedule, trackers  # train picks this module: imported here
 
     task, out = lm_task(cfg.data), Path(cfg.train.output_dir)
     tc = dataclasses.replace(cfg.train, grad_accum_steps=1)  # a loader item is a whole step: LMStep accumulates
@@ -613,7 +613,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     def probe() -> Any:  # --lr auto: the range test on this very model, data and objective
         return range_test(
             wrapped, make_step, lambda lr: build_optimizer(wrapped, lr, tc.weight_decay), loaders.train,
-            loaders.sampler, accelerator, trainable, probe_steps(len(loaders.train) * tc.epochs),
+            loaders.sampler, accelerator, trainable, probe_steps(schedule(tc, loaders)[1]),
             BANDS["lora" if tc.method in LORA_METHODS else "full"],
         )  # fmt: skip
 
@@ -629,9 +629,10 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     keys = ["train_loss", "train_loss_task", "train_loss_kd"] if distilled else ["train_loss"]
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
     evaluator = LMEvaluator(encoded["validation"], tokenizer, cfg, distilled)
+    epochs, _ = schedule(tc, loaders)
     parts = Parts(
         accelerator, wrapped, make_step(optimizer, scheduler), train_loader, loaders.sampler, eval_loaders,
-        trainable, task, tc.epochs, total, keys, out, tc.save_steps, ckpt, quiet, f"{tc.method} {task.name}",
+        trainable, task, epochs, total, keys, out, tc.save_steps, ckpt, quiet, f"{tc.method} {task.name}",
         trackers(cfg, accelerator), None, evaluator,
     )  # fmt: skip
     return LMBuilt(cfg, parts, tokenizer, encoded, source, layers, params, teacher, plan, evaluator)
@@ -735,7 +736,7 @@ def generate_file(model_path: str | Path, input_file: str | Path, output_file: s
 
     rows = iter_raw_rows(input_file, [column] if column else None, id_column)
     with PredictionWriter(output_file, [], GENERATION) as writer:
-        for chunk in _chunks(rows, batch_size):
+        for chunk in chunks(rows, batch_size):
             keys, texts, _ = zip(*chunk, strict=True)
             encoded = [prompt_ids(i, t) for i, t in enumerate(texts)]
             writer.write(list(keys), greedy(lm, tokenizer, encoded, max_new_tokens, batch_size))

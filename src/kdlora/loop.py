@@ -254,7 +254,8 @@ def epoch_batches(parts: Parts, epoch: int, progress: Progress, ckpt: Checkpoint
 
 
 def loop(parts: Parts) -> Record:
-    """Train for parts.epochs, evaluating after each; leave the best epoch's trainable weights in the model."""
+    """Train for parts.epochs (the last stopped at parts.total_steps), evaluating after each; leave the best epoch's
+    trainable weights in the model."""
     from tqdm.auto import tqdm
 
     accelerator, trainable, ckpt = parts.accelerator, parts.trainable, parts.checkpoint
@@ -290,6 +291,8 @@ def loop(parts: Parts) -> Record:
                 elif log.steps % SYNC_EVERY == 0:
                     flush()
                     bar.set_postfix(loss=f"{log.history['train_loss'][-1]:.4f}")
+                if log.steps >= parts.total_steps:
+                    break  # --max-steps: the last epoch ends at the step
         ckpt = None
         flush()
 

@@ -165,6 +165,7 @@ def teacher_config(cfg: RunConfig, output_dir: Path) -> RunConfig:
     t.train.method = cfg.kd.teacher_method
     t.train.lr = cfg.kd.teacher_lr
     t.train.epochs = cfg.kd.teacher_epochs or DEFAULT_EPOCHS[cfg.kd.teacher_method]
+    t.train.max_steps = None  # the student's --max-steps is the student's
     t.train.output_dir = str(output_dir)
     t.train.overwrite = t.train.resume = False  # an unfinished teacher resumes; a finished one is reused or replaced
     t.lora, t.kd = type(cfg.lora)(), type(cfg.kd)()
@@ -231,8 +232,13 @@ def build_trained_model(
     return model, tokenizer, source, layers
 
 
-def optimizer_steps(tc: TrainArgs, loaders: Loaders) -> int:
-    return math.ceil(len(loaders.train) / tc.grad_accum_steps) * tc.epochs
+def schedule(tc: TrainArgs, loaders: Loaders) -> tuple[int, int]:
+    """(epochs, optimizer steps) of the run: --epochs whole passes, or with --max-steps as many epochs as those
+    steps take (the loop stops the last one at the step)."""
+    per_epoch = math.ceil(len(loaders.train) / tc.grad_accum_steps)
+    if tc.max_steps:
+        return math.ceil(tc.max_steps / per_epoch), tc.max_steps
+    return tc.epochs, per_epoch * tc.epochs
 
 
 def prepare_training(
@@ -244,7 +250,7 @@ def prepare_training(
     from transformers import get_linear_schedule_with_warmup
 
     optimizer = build_optimizer(model, lr, tc.weight_decay, extra)
-    total_steps = optimizer_steps(tc, loaders)
+    _, total_steps = schedule(tc, loaders)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
     optimizer, train_loader, scheduler = accelerator.prepare(optimizer, loaders.train, scheduler)
     eval_loaders = {s: accelerator.prepare(loader) for s, loader in loaders.eval.items()}
@@ -325,7 +331,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     def probe() -> Probe:  # --lr auto: the range test on this very model, data and objective
         return range_test(
             model, make_step, lambda lr: build_optimizer(model, lr, tc.weight_decay, extra), loaders.train,
-            loaders.sampler, accelerator, trainable, probe_steps(optimizer_steps(tc, loaders)),
+            loaders.sampler, accelerator, trainable, probe_steps(schedule(tc, loaders)[1]),
             BANDS["lora" if tc.method in LORA_METHODS else "full"],
         )  # fmt: skip
 
@@ -345,9 +351,10 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
     prior = kind_of(task).prior_loss([e.label for e in splits["train"][:labelled]])
     retry = tc.on_collapse == "retry" and len(plan.restarts) < MAX_RESTARTS
-    guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), tc.epochs, retry)
+    epochs, _ = schedule(tc, loaders)
+    guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), epochs, retry)
     parts = Parts(
-        accelerator, model, step, train_loader, loaders.sampler, eval_loaders, trainable, task, tc.epochs,
+        accelerator, model, step, train_loader, loaders.sampler, eval_loaders, trainable, task, epochs,
         total_steps, keys, out, tc.save_steps, ckpt, quiet, f"{tc.method} {task.name}", trackers(cfg, accelerator),
         guard,
     )  # fmt: skip
@@ -452,6 +459,7 @@ def run_record(
         "kdlora_version": __version__,
         "num_transfer_examples": len(built.splits["train"]) - built.labelled,
         "rows_per_epoch": built.parts.sampler.rows,  # fewer with --transfer-ratio: transfer rows drawn per epoch
+        "optimizer_steps": len(progress.history["train_loss"]),
     }
     if cfg.data.label_budget:  # the draw, recorded: which rows kept their labels is in data_fingerprint
         counts = kind_of(task).label_counts([e.label for e in built.splits["train"][: built.labelled]], task)
