@@ -42,3 +42,7 @@ c = yaml.safe_load(pathlib.Path("docs/results/label-budget/mrpc/budget-1000/seed
 c["model"].update(name="all-MiniLM-L6-v2", teacher=f"{mm}/fft", student_layers=None)
 c["train"].update(output_dir=f"{mm}/kd-lora-unlabeled", quiet=True)
 (cfg / "mpnet-mrpc-kd-lora-unlabeled.yaml").write_text(yaml.safe_dump(c, sort_keys=False))
+
+# The longer schedule with the cross-size pair's LoRA teacher.
+write("mpnet-lever-10ep", "kd-lora-unlabeled", "runs/lever/stsb-1000-s1/mpnet-unlabeled-10ep", train__epochs=10,
+      model__name="all-MiniLM-L6-v2", model__teacher=f"{mp}/lora", model__student_layers=None)
