@@ -1,8 +1,13 @@
 """Configs for the cross-size pair on STS-B at 1,000 labels (seed 1), from the MiniLM cell's configs."""
-import yaml, pathlib
+
+import pathlib
+
+import yaml
+
 src = pathlib.Path("docs/results/label-budget/stsb/budget-1000/seed-1")
 out = pathlib.Path("runs/label-budget-mpnet/stsb/budget-1000/seed-1")
-dst = pathlib.Path("runs/cfg-mpnet-stsb"); dst.mkdir(parents=True, exist_ok=True)
+dst = pathlib.Path("runs/cfg-mpnet-stsb")
+dst.mkdir(parents=True, exist_ok=True)
 for arm in ("fft", "student", "kd-lora", "kd-lora-unlabeled"):
     c = yaml.safe_load((src / arm / "config.yaml").read_text())
     if arm == "fft":
