@@ -607,13 +607,15 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     wrapped = accelerator.prepare(HiddenStates(model, vocab).to(accelerator.device))
     trainable = {n: p for n, p in wrapped.named_parameters() if p.requires_grad}
 
+    epochs, steps = schedule(tc, loaders)
+
     def make_step(optimizer: Any, scheduler: Any) -> LMStep:
         return LMStep(wrapped, optimizer, scheduler, accelerator, cfg.kd, tc.max_grad_norm, distilled)
 
     def probe() -> Any:  # --lr auto: the range test on this very model, data and objective
         return range_test(
             wrapped, make_step, lambda lr: build_optimizer(wrapped, lr, tc.weight_decay), loaders.train,
-            loaders.sampler, accelerator, trainable, probe_steps(schedule(tc, loaders)[1]),
+            loaders.sampler, accelerator, trainable, probe_steps(steps),
             BANDS["lora" if tc.method in LORA_METHODS else "full"],
         )  # fmt: skip
 
@@ -629,7 +631,6 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     keys = ["train_loss", "train_loss_task", "train_loss_kd"] if distilled else ["train_loss"]
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
     evaluator = LMEvaluator(encoded["validation"], tokenizer, cfg, distilled)
-    epochs, _ = schedule(tc, loaders)
     parts = Parts(
         accelerator, wrapped, make_step(optimizer, scheduler), train_loader, loaders.sampler, eval_loaders,
         trainable, task, epochs, total, keys, out, tc.save_steps, ckpt, quiet, f"{tc.method} {task.name}",

@@ -322,6 +322,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     trainable.update(features.trainable(accelerator) if features else {})  # checkpointed, never saved with the model
     terms = active_terms(cfg.kd, teacher_run is not None)
+    epochs, steps = schedule(tc, loaders)
 
     def make_step(optimizer: Any, scheduler: Any) -> TrainStep:
         return TrainStep(
@@ -331,7 +332,7 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     def probe() -> Probe:  # --lr auto: the range test on this very model, data and objective
         return range_test(
             model, make_step, lambda lr: build_optimizer(model, lr, tc.weight_decay, extra), loaders.train,
-            loaders.sampler, accelerator, trainable, probe_steps(schedule(tc, loaders)[1]),
+            loaders.sampler, accelerator, trainable, probe_steps(steps),
             BANDS["lora" if tc.method in LORA_METHODS else "full"],
         )  # fmt: skip
 
@@ -351,7 +352,6 @@ def build(cfg: RunConfig, teacher_run: Path | None = None, resume: bool = False,
     ckpt = restore(out, trainable, optimizer, scheduler, keys) if resume else None
     prior = kind_of(task).prior_loss([e.label for e in splits["train"][:labelled]])
     retry = tc.on_collapse == "retry" and len(plan.restarts) < MAX_RESTARTS
-    epochs, _ = schedule(tc, loaders)
     guard = Guard(prior, "train_loss_task", math.ceil(len(loaders.train) / tc.grad_accum_steps), epochs, retry)
     parts = Parts(
         accelerator, model, step, train_loader, loaders.sampler, eval_loaders, trainable, task, epochs,
