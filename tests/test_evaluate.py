@@ -40,5 +40,8 @@ def test_a_model_that_predicts_one_constant_is_named_so(task_name):
     assert result["score"] == 0.0 and same == ["validation"]
     kind = "value" if task.kind == "regression" else "class"
     assert f"every validation prediction is the same {kind}" in constant_notice(same, task)
+    # during training it is what an epoch saw, not yet a verdict: the guard judges collapse
+    during = constant_notice(same, task, epoch=1)
+    assert during.startswith("epoch 1: every validation") and "collapsed" not in during
     result, same = evaluate(varied, {"validation": _loader(labels, kind_of(task))}, task, Accelerator(cpu=True))
     assert result["score"] > 0 and same == []

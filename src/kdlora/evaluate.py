@@ -91,12 +91,13 @@ def evaluate(
     return combine_splits(task, per_split), constant
 
 
-def constant_notice(splits: list[str], task: Task) -> str:
-    # What a learning rate too high for the model looks like: the loss flat at the labels' entropy
-    return (
-        f"every {splits[0]} prediction is the same {kind_of(task).one}: the model has "
-        "collapsed to a constant; a lower --lr usually avoids that"
-    )
+def constant_notice(splits: list[str], task: Task, epoch: int | None = None) -> str:
+    # What a learning rate too high for the model looks like: the loss flat at the labels' entropy. After a run's
+    # first epochs it is often only too few steps yet, so during training the notice states what it saw, no verdict
+    seen = f"every {splits[0]} prediction is the same {kind_of(task).one}"
+    if epoch is not None:
+        return f"epoch {epoch}: {seen} (common early in a run; the collapse guard acts if it lasts)"
+    return f"{seen}: the model has collapsed to a constant; a lower --lr usually avoids that"
 
 
 def split_loaders(task: Task, tokenizer: Any, data: DataArgs, splits: tuple[str, ...], batch_size: int) -> dict:

@@ -301,7 +301,7 @@ def loop(parts: Parts) -> Record:
         if parts.guard is not None:  # before anything of this epoch is kept: a restart discards the attempt
             parts.guard.after_epoch(epoch + 1, constant, log.history)
         if constant:
-            say(constant_notice(constant, parts.task))
+            say(constant_notice(constant, parts.task, epoch + 1))
         progress.epochs.append({"epoch": epoch + 1, **result})
         report({f"eval_{k}": v for k, v in result.items()} | {"epoch": epoch + 1}, log.steps)
         if not parts.quiet:
