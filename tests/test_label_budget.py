@@ -139,6 +139,23 @@ def test_compare_label_budget_runs_five_arms_from_the_best_teacher(tiny_bert_dir
     assert capsys.readouterr().out.count("reusing the finished run") == 5
 
 
+def test_the_curves_mean_row_names_its_tasks_when_it_covers_fewer_than_the_table():
+    from kdlora.curve import CURVE_ARMS, curve_md, curve_rows
+
+    arms = list(CURVE_ARMS)
+    cells = {(t, b, a): [10.0 * i + j for j in range(3)] for i, t in enumerate(("cola", "mrpc", "stsb"), 1)
+             for b in (500, 1000) for a in arms}  # fmt: skip
+    del cells["stsb", 500, "lora"]  # one arm of one task missing at 500: its mean is over cola and mrpc only
+    rows = curve_rows(cells)
+    means = {r["budget"]: r for r in rows if r["task"] == "mean"}
+    assert means[500]["tasks"] == "cola,mrpc" and means[500]["fft"] == pytest.approx(16.0)
+    assert means[1000]["fft"] == pytest.approx(21.0)
+    table = curve_md(rows, arms)
+    assert any(line.startswith("| mean of cola, mrpc | 500 |") for line in table)
+    assert any(line.startswith("| mean | 1000 |") for line in table)
+    assert any(line.startswith("| stsb | 500 |") and "| — |" in line for line in table)
+
+
 def test_transfer_ratio_draws_transfer_rows_per_epoch_and_keeps_every_labelled_row():
     from kdlora.data import LengthGroupedBatchSampler
 

@@ -83,13 +83,16 @@ def curve_rows(cells: dict[tuple[str, int, str], list[float]]) -> list[dict[str,
 def curve_md(rows: list[dict[str, Any]], arms: list[str]) -> list[str]:
     header = ["task", "labels", *[CURVE_ARMS.get(a, a) for a in arms]]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * len(arms)]
+    tasks = ",".join(sorted({r["task"] for r in rows if r["task"] != "mean"}))
     for row in rows:
+        # a budget whose mean covers fewer tasks than the table names them: means of other tasks do not compare
+        name = row["task"] if row.get("tasks", tasks) == tasks else f"mean of {row['tasks'].replace(',', ', ')}"
         cells = []
         for arm in arms:
             mean, std, n = row.get(arm), row.get(f"{arm}_std"), row.get(f"{arm}_n")
             text = "—" if mean is None else f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
             cells.append(text + (f" ({n})" if n and n != 3 and mean is not None else ""))
-        lines.append(f"| {row['task']} | {row['budget']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {row['budget']} | " + " | ".join(cells) + " |")
     return lines
 
 
