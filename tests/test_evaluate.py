@@ -45,3 +45,15 @@ def test_a_model_that_predicts_one_constant_is_named_so(task_name):
     assert during.startswith("epoch 1: every validation") and "collapsed" not in during
     result, same = evaluate(varied, {"validation": _loader(labels, kind_of(task))}, task, Accelerator(cpu=True))
     assert result["score"] > 0 and same == []
+
+
+def test_a_regressor_that_varies_only_in_the_last_digits_is_constant():
+    # a collapsed regressor still depends on its input, by ~1e-5 (an MPNet-scale student on STS-B): one value
+    task = get_task("stsb")
+    labels = [4.0, 0.5, 1.0, 2.5]
+    nearly = Fixed(torch.tensor([[2.8380], [2.83801], [2.83799], [2.838005]]))
+    _, same = evaluate(nearly, {"validation": _loader(labels, kind_of(task))}, task, Accelerator(cpu=True))
+    assert same == ["validation"]
+    spread = Fixed(torch.tensor([[2.80], [2.85], [2.83], [2.84]]))  # weak, but not one value
+    _, same = evaluate(spread, {"validation": _loader(labels, kind_of(task))}, task, Accelerator(cpu=True))
+    assert same == []

@@ -86,7 +86,7 @@ def evaluate(
     for split, loader in loaders.items():
         out = predict(model, loader, accelerator, kind_of(task))
         per_split[split] = kind_of(task).metrics(task, out["preds"].numpy(), out["labels"].numpy())
-        if len(out["preds"]) > 1 and bool((out["preds"] == out["preds"][0]).all()):
+        if kind_of(task).constant(out["preds"], out["labels"]):
             constant.append(split)
     return combine_splits(task, per_split), constant
 
