@@ -156,7 +156,7 @@ class Regression:
 
     def constant(self, predictions: torch.Tensor, labels: torch.Tensor) -> bool:
         """Every prediction the same value up to CONSTANT_SPREAD of the labels' spread: a collapsed regressor still
-        varies with its input in the last digits (an MPNet student on STS-B at 5.7e-3: std 1.4e-5 against the
+        varies with its input in the last digits (MiniLM-L6 layers 0,2,4 on STS-B at 5.7e-3: std 1.4e-5 against the
         labels' 1.68), so exact equality never sees it."""
         if len(predictions) < 2:
             return False
