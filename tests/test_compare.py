@@ -85,6 +85,37 @@ def test_compare_trains_each_arm_once_and_reports(tmp_path, tiny_bert_dir, tiny_
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
 
 
+def test_compare_arms_split_between_two_processes(tmp_path, tiny_bert_dir, tiny_glue, capsys):
+    """--arms: one process trains lora, another fft and kd-lora into the same directory; the last one times all."""
+    out = tmp_path / "cmp"
+    argv = compare_argv(tiny_bert_dir, tiny_glue, out, "--set", "kd-lora.train.lr=5e-3", "--set", "lora.train.lr=1e-3")
+    argv[argv.index("--tasks") + 1] = "cola"
+    runs = {arm: out / "cola" / "seed-1" / arm for arm in ARMS}
+
+    # A student whose teacher is neither finished nor among --arms fails before anything trains.
+    assert main([*argv, "--arms", "kd-lora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distils from the fft arm, which has not finished" in err[0], err
+    assert not list(out.rglob("metrics.json"))
+    for bad in ("lora,lora", "student"):
+        assert main([*argv, "--arms", bad]) == 2
+        assert "--arms" in capsys.readouterr().err
+
+    assert main([*argv, "--arms", "lora"]) == 0
+    assert read_run(runs["lora"]) is not None and not runs["fft"].exists() and not runs["kd-lora"].exists()
+    assert not (runs["lora"] / "inference.json").exists()  # timing waits for all three arms
+    lora_stamp = (runs["lora"] / "metrics.json").stat().st_mtime_ns
+
+    capsys.readouterr()
+    assert main([*argv, "--arms", "fft,kd-lora"]) == 0
+    assert "[cola seed 1] lora" not in capsys.readouterr().out  # not even read as "reusing": another process's arm
+    metrics = {arm: read_run(d) for arm, d in runs.items()}
+    assert all(m is not None and m["method"] == arm for arm, m in metrics.items())
+    assert metrics["kd-lora"]["teacher_score"] == metrics["fft"]["score"]
+    assert (runs["lora"] / "metrics.json").stat().st_mtime_ns == lora_stamp
+    assert all((d / "inference.json").is_file() for d in runs.values())  # the last process timed the three
+
+
 def test_compare_rejects_bad_settings_before_training(tmp_path, tiny_bert_dir, tiny_glue, capsys):
     out = tmp_path / "cmp"
     cases = {

@@ -165,7 +165,8 @@ def _add_fields(p: argparse.ArgumentParser, cls: type) -> None:
             p.add_argument(dest, metavar=f.name.upper(), help=help)
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        kind = {"action": "store_true"} if hint is bool else {"required": required, "metavar": f.name.upper()}
+        metavar = flag.lstrip("-").replace("-", "_").upper()  # the flag's name: --arms ARMS, not the field's
+        kind = {"action": "store_true"} if hint is bool else {"required": required, "metavar": metavar}
         p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help, **kind)
         for old in f.metadata.get("old", ()):
             p.add_argument(old, dest=dest, action=_OldSpelling, new=flag, help=argparse.SUPPRESS)

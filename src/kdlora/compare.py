@@ -14,8 +14,9 @@ A causal language model's data (--prompt-column and --completion-column, --messa
 arms, fft/, lora/, student/ (α = 1) and kd-lora/, scored by the validation NLL (or --best-metric); the teacher's top-k
 cache is filled here, before the student arms' children start, and the arms are not timed (kdlora bench is).
 Each arm runs as `kdlora train` in a child process, so the peak memory it reports is its own. An arm already finished
-with the same config is reused, an unfinished one resumes. The merged models of the three arms are then timed on the
-validation set, interleaved, and the report of OUTPUT (report.md, CSVs, figures) is written.
+with the same config is reused, an unfinished one resumes; --arms trains only some arms, so that two processes can
+split a compare (a student arm reads its teacher's finished run). The merged models of the three arms are then timed
+on the validation set, interleaved, and the report of OUTPUT (report.md, CSVs, figures) is written.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class CompareArgs:
         flag="--label-budget",
     )
     teacher_arm: str = arg("fft", "fft | lora | best: the arm the students distil from (best: by its dev score)")
+    only: list[str] | None = arg(
+        None,
+        "train only these arms, e.g. lora: another process can train the others into the same --output-dir at once "
+        "(a student arm needs its teacher arm finished or among these)",
+        flag="--arms",
+    )
     inference_runs: int = arg(10, "timed passes over the validation set per arm (after one warm-up pass)")
     overwrite: bool = arg(False, "retrain finished arms whose config changed (same-config arms are always reused)")
     quiet: bool = arg(False, "no progress bars")
@@ -102,6 +109,10 @@ class CompareArgs:
             if self.generative:
                 raise KdloraError("--label-budget draws labelled rows of a classifier's data: a language model's data "
                                   "has no labels to draw")  # fmt: skip
+        if self.only is not None:
+            wrong = set(self.only) - set(self.arm_names)
+            if not self.only or wrong or len(set(self.only)) != len(self.only):
+                raise KdloraError(f"--arms takes arms of this protocol without repeats: {', '.join(self.arm_names)}")
         unknown = set(self.arms) - set(self.arm_names)
         if unknown:
             raise KdloraError(
@@ -130,6 +141,11 @@ class CompareArgs:
     def budgets(self) -> list[int | None]:
         """The label budgets, or [None]: every labelled row."""
         return list(self.label_budgets) if self.label_budgets else [None]
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        """The arms this process trains (--arms, default all); the others it only reads."""
+        return tuple(a for a in self.arm_names if self.only is None or a in self.only)
 
 
 def arm_dir(args: CompareArgs, task: str, seed: int, arm: str, budget: int | None = None) -> Path:
@@ -269,25 +285,53 @@ def run_compare(args: CompareArgs) -> Path:
     """Run every arm of every task, budget and seed, time the arms (the paper's protocol), write the report. Returns
     the report's path."""
 
-    for task in args.tasks:
-        for budget in args.budgets:
-            for seed in args.seeds:
-                run_cell(args, task, budget, seed)
+    cells = [(task, budget, seed) for task in args.tasks for budget in args.budgets for seed in args.seeds]
+    for cell in cells:  # --arms: a student arm whose teacher this process does not train needs it finished now
+        check_teachers(args, *cell)
+    for cell in cells:
+        run_cell(args, *cell)
     return write_report(Path(args.output_dir), quiet=args.quiet)
+
+
+def cell_name(task: str, budget: int | None, seed: int) -> str:
+    return f"{task}{f' budget {budget}' if budget else ''} seed {seed}"
+
+
+def finished_teacher(args: CompareArgs, task: str, budget: int | None, seed: int, arm: str) -> dict[str, Any] | None:
+    """A teacher arm this process does not train (--arms): its metrics if it finished with this config, else None."""
+    cfg = arm_config(args, task, seed, arm, budget)
+    out = Path(cfg.train.output_dir)
+    return read_run(out) if same_config(out, cfg) else None
+
+
+def check_teachers(args: CompareArgs, task: str, budget: int | None, seed: int) -> None:
+    students = [a for a in args.selected if a not in TEACHER_ARMS]
+    needed = TEACHER_ARMS if args.teacher_arm == "best" else (args.teacher_arm,)
+    for teacher in needed:
+        if students and teacher not in args.selected and finished_teacher(args, task, budget, seed, teacher) is None:
+            raise KdloraError(
+                f"[{cell_name(task, budget, seed)}] the {students[0]} arm distils from the {teacher} arm, which has "
+                f"not finished with this config: add {teacher} to --arms, or train it first (--arms {teacher})"
+            )
 
 
 def run_cell(args: CompareArgs, task: str, budget: int | None, seed: int) -> None:
     """One task, budget and seed: the teacher arms, then the student arms distilled from the chosen teacher."""
-    where = f"{task}{f' budget {budget}' if budget else ''} seed {seed}"
+    where = cell_name(task, budget, seed)
     done, trained = {}, {}
     for arm in TEACHER_ARMS:
-        cfg = arm_config(args, task, seed, arm, budget)
-        done[arm], trained[arm] = run_arm(cfg, f"[{where}] {arm}", False, args.overwrite)
+        if arm in args.selected:
+            cfg = arm_config(args, task, seed, arm, budget)
+            done[arm], trained[arm] = run_arm(cfg, f"[{where}] {arm}", False, args.overwrite)
+        else:
+            done[arm], trained[arm] = finished_teacher(args, task, budget, seed, arm), False
+    students = [a for a in args.selected if a not in TEACHER_ARMS]
+    if not students:
+        return time_cell(args, task, budget, seed, trained)
     teacher = args.teacher_arm
     if teacher == "best":
         teacher = max(TEACHER_ARMS, key=lambda a: done[a]["score"])  # fft on a tie
         print(f"[{where}] teacher: the {teacher} arm (dev score {done[teacher]['score']:.2f})", flush=True)
-    students = [a for a in args.arm_names if a not in TEACHER_ARMS]
     cfgs = {a: arm_config(args, task, seed, a, budget, teacher) for a in students}
     for arm, cfg in cfgs.items():
         # A student distilled from an earlier teacher is stale once the teacher is retrained.
@@ -298,10 +342,17 @@ def run_cell(args: CompareArgs, task: str, budget: int | None, seed: int) -> Non
         if stale or not before or not same_config(out, cfg):
             cache_teacher_logits(cfg, f"[{where}] {arm}")
         _, trained[arm] = run_arm(cfg, f"[{where}] {arm}", stale, args.overwrite)
+    time_cell(args, task, budget, seed, trained)
+
+
+def time_cell(args: CompareArgs, task: str, budget: int | None, seed: int, trained: dict[str, bool]) -> None:
+    """Time the three arms once all have finished (with --arms, in whichever process finishes the last one)."""
     # The label-scarce protocol measures scores, not inference time; a language model's costs are kdlora bench's.
     if budget or args.generative or not args.inference_runs:
         return
+    if not all(read_run(arm_dir(args, task, seed, arm)) is not None for arm in ARMS):
+        return
     timed = all(read_inference(arm_dir(args, task, seed, arm)) is not None for arm in ARMS)
     if any(trained.values()) or not timed:
-        print(f"[{where}] timing the merged models on the validation set", flush=True)
+        print(f"[{cell_name(task, budget, seed)}] timing the merged models on the validation set", flush=True)
         time_arms(args, task, seed, {"fft": arm_config(args, task, seed, "fft")})
