@@ -147,6 +147,11 @@ class CompareArgs:
         """The arms this process trains (--arms, default all); the others it only reads."""
         return tuple(a for a in self.arm_names if self.only is None or a in self.only)
 
+    @property
+    def students(self) -> list[str]:
+        """The selected arms that distil from a teacher arm."""
+        return [a for a in self.selected if a not in TEACHER_ARMS]
+
 
 def arm_dir(args: CompareArgs, task: str, seed: int, arm: str, budget: int | None = None) -> Path:
     root = Path(args.output_dir) / task
@@ -305,7 +310,7 @@ def finished_teacher(args: CompareArgs, task: str, budget: int | None, seed: int
 
 
 def check_teachers(args: CompareArgs, task: str, budget: int | None, seed: int) -> None:
-    students = [a for a in args.selected if a not in TEACHER_ARMS]
+    students = args.students
     needed = TEACHER_ARMS if args.teacher_arm == "best" else (args.teacher_arm,)
     for teacher in needed:
         if students and teacher not in args.selected and finished_teacher(args, task, budget, seed, teacher) is None:
@@ -325,7 +330,7 @@ def run_cell(args: CompareArgs, task: str, budget: int | None, seed: int) -> Non
             done[arm], trained[arm] = run_arm(cfg, f"[{where}] {arm}", False, args.overwrite)
         else:
             done[arm], trained[arm] = finished_teacher(args, task, budget, seed, arm), False
-    students = [a for a in args.selected if a not in TEACHER_ARMS]
+    students = args.students
     if not students:
         return time_cell(args, task, budget, seed, trained)
     teacher = args.teacher_arm
