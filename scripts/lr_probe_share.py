@@ -18,7 +18,6 @@ plateau (past the band's floor), and whether the rule's pick on the cut curve is
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,35 +26,30 @@ from kdlora import lrfind
 
 RISE = 0.2
 
-SHIPPED = (lrfind.PROBE_SHARE, lrfind.PROBE_MIN_STEPS, lrfind.PROBE_RANGE)
 SETTINGS = {  # name: (share of the run's steps, floor, lr range)
-    "measured (shipped: 0.1 of the steps, at least 30, 1e-7..1)": SHIPPED,
+    "measured (shipped: 0.1 of the steps, at least 30, 1e-7..1)": (
+        lrfind.PROBE_SHARE,
+        lrfind.PROBE_MIN_STEPS,
+        lrfind.PROBE_RANGE,
+    ),
     "0.05 of the steps, at least 30": (0.05, 30, lrfind.PROBE_RANGE),
     "range 1e-6..1e-1 at the same steps per decade": (0.1, 30, (1e-6, 1e-1)),
     "range 1e-6..1e-1, 0.05 of the steps, at least 20": (0.05, 20, (1e-6, 1e-1)),
 }
 
 
-def planned(total: int, share: float, floor: int) -> int:
-    """A probe's planned steps under a setting, as lrfind.probe_steps makes them."""
-    return max(floor, min(lrfind.PROBE_STEPS, round(share * total)))
-
-
 def projected(lrs: list[float], total: int, share: float, floor: int, lr_range: tuple[float, float]) -> float:
     """The steps the probe of curve `lrs` (run under the shipped setting) would take under another setting."""
-    density = planned(total, share, floor) / planned(total, *SHIPPED[:2])  # steps per decade, against the shipped
+    density = lrfind.probe_steps(total, share, floor) / lrfind.probe_steps(total)  # steps per decade, vs the shipped
     return density * sum(1 for lr in lrs if lr_range[0] <= lr <= lr_range[1] * (1 + 1e-9))
 
 
 def cut(lrs: list[float], smoothed: list[float], floor: float) -> int:
-    """The steps a probe stopping once its smoothed loss rises RISE above its plateau would take."""
-    for k in range(1, len(lrs) + 1):
-        n = max(3, sum(1 for lr in lrs[:k] if lr < floor))
-        if k > n and lrs[k - 1] >= floor:
-            head = sorted(smoothed[:n])
-            if smoothed[k - 1] > head[len(head) // 2] * (1 + RISE):
-                return k
-    return len(lrs)
+    """The steps a probe stopping once its smoothed loss rises RISE above its plateau (as lrfind.suggest reads it:
+    the median of the steps below the floor, at least three) would take."""
+    n = max(3, sum(1 for lr in lrs if lr < floor))
+    start = sorted(smoothed[:n])[len(smoothed[:n]) // 2]
+    return next((k + 1 for k in range(n, len(lrs)) if smoothed[k] > start * (1 + RISE)), len(lrs))
 
 
 def early_stop(roots: list[Path]) -> None:
@@ -81,8 +75,7 @@ def main(roots: list[Path]) -> None:
             m = json.loads(f.read_text())
             if m.get("lr_probe"):
                 task = m["task"]
-                total = m.get("optimizer_steps") or math.ceil(m["num_train_examples"] / 32) * 5  # older records
-                assert planned(total, *SHIPPED[:2]) == lrfind.probe_steps(total)
+                total = m.get("optimizer_steps") or len(m["train_loss"])  # older records: one loss per step
                 lrs = json.loads((f.parent / "lr.json").read_text())["probe"]["lrs"]
                 runs.append((task, total, lrs, m["lr_probe"], m["train_seconds"]))
         print(f"{root}: {len(runs)} runs")
@@ -93,7 +86,7 @@ def main(roots: list[Path]) -> None:
                 for key in (task, "all"):
                     share[key][0] += seconds
                     share[key][1] += train
-            cells = ", ".join(f"{k} {100 * p / t:.1f}%" for k, (p, t) in sorted(share.items(), key=lambda kv: kv[0]))
+            cells = ", ".join(f"{k} {100 * p / t:.1f}%" for k, (p, t) in sorted(share.items()))
             print(f"  {name}: {cells}")
     early_stop(roots)
 

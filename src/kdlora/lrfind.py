@@ -142,9 +142,12 @@ class Plan:
 # The range test
 
 
-def probe_steps(total_steps: int) -> int:
-    """The probe's length: PROBE_STEPS, or PROBE_SHARE of a short run's steps, never under PROBE_MIN_STEPS."""
-    return max(PROBE_MIN_STEPS, min(PROBE_STEPS, round(PROBE_SHARE * total_steps)))
+def probe_steps(total_steps: int, share: float | None = None, floor: int | None = None) -> int:
+    """The probe's length: PROBE_STEPS, or `share` (PROBE_SHARE) of a short run's steps, never under `floor`
+    (PROBE_MIN_STEPS). The two are parameters for scripts/lr_probe_share.py's projections."""
+    share = PROBE_SHARE if share is None else share
+    floor = PROBE_MIN_STEPS if floor is None else floor
+    return max(floor, min(PROBE_STEPS, round(share * total_steps)))
 
 
 class _Rising:
